@@ -1,0 +1,1 @@
+"""rag-backup: backup and restore orchestrator for the RAG service's four data stores."""
