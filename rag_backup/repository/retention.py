@@ -1,0 +1,86 @@
+"""Pure retention planning: which backups to keep and which to delete, each with a reason."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from rag_backup.errors import InvalidRequest
+
+PARTITION_FORMATS = ("%Y-%m-%d-%H:%M", "%Y-%m-%d")
+
+
+def partition_start(partition_key: str) -> datetime:
+    """The UTC start of a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``) partition."""
+    for fmt in PARTITION_FORMATS:
+        try:
+            return datetime.strptime(partition_key, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    raise InvalidRequest(f"{partition_key!r} is not a daily (YYYY-MM-DD) or hourly "
+                         "(YYYY-MM-DD-HH:MM) partition key")
+
+
+@dataclass(frozen=True)
+class RetentionCandidate:
+    partition_key: str
+    backup_id: str
+    taken_at: datetime
+    verified: bool
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    partition_key: str
+    backup_id: str
+    delete: bool
+    reason: str
+
+
+def _age(delta: timedelta) -> str:
+    hours = delta.total_seconds() / 3600
+    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours"
+
+
+def plan_retention(
+    backups: Sequence[RetentionCandidate],
+    *,
+    now: datetime,
+    window: timedelta,
+    keep_newest_verified: int = 1,
+) -> list[RetentionDecision]:
+    """Decide for every backup: keep it if it is inside ``window`` or among the newest
+    ``keep_newest_verified`` verified backups; delete it otherwise. One decision per backup,
+    in the input's order."""
+    if keep_newest_verified < 1:
+        raise InvalidRequest("retention must keep at least the newest verified backup")
+    verified = sorted((b for b in backups if b.verified), key=lambda b: b.taken_at, reverse=True)
+    protected = {(b.partition_key, b.backup_id) for b in verified[:keep_newest_verified]}
+    decisions = []
+    for b in backups:
+        age = now - b.taken_at
+        if age <= window:
+            reason, delete = f"inside the {_age(window)} window (age {_age(age)})", False
+        elif (b.partition_key, b.backup_id) in protected:
+            reason, delete = (f"older than the {_age(window)} window (age {_age(age)}) but among "
+                              f"the newest {keep_newest_verified} verified backup(s)"), False
+        else:
+            state = "verified" if b.verified else "unverified"
+            reason, delete = (f"{state}, older than the {_age(window)} window "
+                              f"(age {_age(age)})"), True
+        decisions.append(RetentionDecision(b.partition_key, b.backup_id, delete, reason))
+    return decisions
+
+
+def ensure_within_window(store: str, partition_key: str, *, now: datetime,
+                         window: timedelta) -> None:
+    """Refuse to back up a partition that retention would delete at once."""
+    from rag_backup.errors import BackupExpired
+
+    age = now - partition_start(partition_key)
+    if age > window:
+        raise BackupExpired(
+            f"{store}: partition {partition_key} is {_age(age)} old, outside the {_age(window)} "
+            f"retention window; a backup for it would be deleted by the next retention run. "
+            f"Back up a partition inside the window instead.")
