@@ -1,0 +1,1 @@
+"""Dagster objects only: assets, checks, jobs, schedules, sensors, resources, one module each."""

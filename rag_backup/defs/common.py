@@ -1,0 +1,97 @@
+"""What every store's assets share: metadata, verification bookkeeping, retention, retries."""
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from rag_backup.errors import BackupNotFound, StoreUnreachable
+from rag_backup.repository import BackupRecord, BackupRepository, Manifest, Verification
+from rag_backup.repository.manifest import utcnow
+
+UNREACHABLE_RETRIES = 3
+UNREACHABLE_WAIT_S = 30
+
+
+@contextmanager
+def retry_when_unreachable() -> Iterator[None]:
+    """Turn a transient connection failure into a Dagster retry with backoff; nothing else."""
+    try:
+        yield
+    except StoreUnreachable as exc:
+        raise dg.RetryRequested(max_retries=UNREACHABLE_RETRIES,
+                                seconds_to_wait=UNREACHABLE_WAIT_S) from exc
+
+
+def backup_metadata(manifest: Manifest, location: str, **counts: int) -> dict[str, Any]:
+    """Metadata the UI plots over time for a committed backup."""
+    return {
+        "backup_id": dg.MetadataValue.text(manifest.backup_id),
+        "size_bytes": dg.MetadataValue.int(manifest.size_bytes),
+        "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 3)),
+        "artifacts": dg.MetadataValue.int(len(manifest.artifacts)),
+        "location": (dg.MetadataValue.url(location) if location.startswith("s3://")
+                     else dg.MetadataValue.path(location)),
+        **{name: dg.MetadataValue.int(value) for name, value in counts.items()},
+    }
+
+
+def verify_and_record(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,
+                      check: Callable[[BackupRecord], dict[str, Any]]) -> dg.MaterializeResult:
+    """Run ``check`` on the partition's backup and record the outcome in the repository,
+    failed or not, so retention and restores know it."""
+    key = context.partition_key
+    record = repo.get(store, key)
+    if record is None:
+        raise BackupNotFound(f"{store}: no committed backup for partition {key} to verify; "
+                             f"materialize {store}_backup for it first")
+    started = time.monotonic()
+    try:
+        checks = check(record)
+    except Exception as exc:
+        repo.record_verification(store, key, Verification(
+            record.backup_id, False, utcnow(), context.run_id, error=str(exc)))
+        raise
+    repo.record_verification(store, key, Verification(
+        record.backup_id, True, utcnow(), context.run_id, checks=checks))
+    return dg.MaterializeResult(metadata={
+        "backup_id": dg.MetadataValue.text(record.backup_id),
+        "verified": dg.MetadataValue.bool(True),
+        "bytes_checked": dg.MetadataValue.int(record.manifest.size_bytes),
+        "duration_s": dg.MetadataValue.float(round(time.monotonic() - started, 3)),
+        **{k: dg.MetadataValue.int(v) for k, v in checks.items() if isinstance(v, int)},
+    })
+
+
+class RetentionConfig(dg.Config):
+    dry_run: bool = Field(default=False, description="Report what would be deleted; delete "
+                                                     "nothing.")
+
+
+def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,
+                    window: timedelta, dry_run: bool,
+                    asset_keys: tuple[dg.AssetKey, ...]) -> dg.MaterializeResult:
+    """Delete expired backups (never the newest verified one) and wipe their partitions from
+    the listed assets, so the UI stops showing them as present."""
+    decisions = repo.apply_retention(store, now=utcnow(), window=window, dry_run=dry_run)
+    deleted = [d for d in decisions if d.delete]
+    for d in decisions:
+        verb = ("would delete" if dry_run else "deleted") if d.delete else "kept"
+        context.log.info(f"{store} {d.partition_key} ({d.backup_id}): {verb}: {d.reason}")
+    if deleted and not dry_run:
+        for key in asset_keys:
+            context.instance.wipe_asset_partitions(key, [d.partition_key for d in deleted])
+    return dg.MaterializeResult(metadata={
+        "dry_run": dg.MetadataValue.bool(dry_run),
+        "backups_kept": dg.MetadataValue.int(len(decisions) - len(deleted)),
+        "backups_deleted": dg.MetadataValue.int(0 if dry_run else len(deleted)),
+        "backups_expired": dg.MetadataValue.int(len(deleted)),
+        "decisions": dg.MetadataValue.md(
+            "| partition | backup | action | reason |\n|---|---|---|---|\n" + "\n".join(
+                f"| {d.partition_key} | {d.backup_id} | "
+                f"{'delete' if d.delete else 'keep'} | {d.reason} |" for d in decisions)),
+    })

@@ -1,0 +1,145 @@
+"""PostgreSQL: daily backup, its verification, retention, and the restore job."""
+
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+from pydantic import Field
+
+from rag_backup.defs.common import (
+    RetentionConfig,
+    apply_retention,
+    backup_metadata,
+    retry_when_unreachable,
+    verify_and_record,
+)
+from rag_backup.defs.partitions import DAILY_PARTITIONS
+from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
+from rag_backup.engines import postgres as engine
+from rag_backup.repository import LATEST
+from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.retention import ensure_within_window
+
+STORE = engine.STORE
+RETENTION = timedelta(days=30)
+GROUP = "postgres"
+KINDS = {"postgres"}
+POOL = "postgres"
+
+
+@dg.asset(partitions_def=DAILY_PARTITIONS, group_name=GROUP, kinds=KINDS, pool=POOL,
+          owners=["team:platform"])
+def postgres_backup(context: dg.AssetExecutionContext, repository: BackupRepositoryResource,
+                    postgres: PostgresResource) -> dg.MaterializeResult:
+    """Daily `pg_dump -Fc` of every configured database (one exported snapshot per database,
+    exact row counts read in that snapshot) plus roles and tablespaces, compressed with zstd and
+    committed atomically to the backup repository."""
+    key = context.partition_key
+    ensure_within_window(STORE, key, now=utcnow(), window=RETENTION)
+    repo = repository.open()
+    with retry_when_unreachable(), repo.begin(STORE, key, context.run_id) as pending:
+        outcome = engine.backup(postgres.server(), pending, databases=postgres.database_list(),
+                                timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
+                                log=context.log.info)
+        manifest = pending.commit(fingerprint=outcome.fingerprint,
+                                  tool_versions=outcome.tool_versions,
+                                  server_version=outcome.server_version)
+    record = repo.get(STORE, key)
+    assert record is not None
+    metadata = backup_metadata(manifest, record.location, tables=outcome.tables,
+                               rows=outcome.rows, databases=len(outcome.fingerprint["databases"]))
+    metadata["server_version"] = dg.MetadataValue.text(outcome.server_version)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(deps=[postgres_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP,
+          kinds=KINDS, pool=POOL, owners=["team:platform"])
+def postgres_backup_verified(context: dg.AssetExecutionContext,
+                             repository: BackupRepositoryResource,
+                             postgres: PostgresResource) -> dg.MaterializeResult:
+    """The partition's backup, verified: every artifact's size and sha256 match the manifest,
+    every archive decompresses and `pg_restore --list` parses it with data for every table of
+    the fingerprint. The result is recorded in the repository (failures too)."""
+    repo = repository.open()
+    return verify_and_record(context, repo, STORE, lambda record: engine.verify(
+        repo, record, timeout_s=postgres.timeout_s, server=postgres.server()))
+
+
+@dg.asset(deps=[postgres_backup_verified], partitions_def=DAILY_PARTITIONS, group_name=GROUP,
+          kinds=KINDS, pool=POOL, owners=["team:platform"])
+def postgres_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
+                       repository: BackupRepositoryResource) -> dg.MaterializeResult:
+    """Deletes PostgreSQL backups older than 30 days, never the newest verified one, and
+    wipes their partitions so the UI no longer shows them as present."""
+    return apply_retention(context, repository.open(), STORE, RETENTION, config.dry_run,
+                           (postgres_backup.key, postgres_backup_verified.key))
+
+
+class RestorePostgresConfig(dg.Config):
+    partition_key: str = Field(default=LATEST, description="Daily partition of the backup "
+                               "(YYYY-MM-DD), or 'latest' for the newest verified backup.")
+    source_database: str = Field(default="ragqa", description="Which database of the backup "
+                                 "to restore.")
+    target_database: str = Field(default="", description="Database to restore into. Empty: a "
+                                 "new scratch database <source>_restore_<timestamp>.")
+    confirm: str = Field(default="", description="Restoring over an EXISTING database replaces "
+                         "it: type that database's name here to allow it.")
+    jobs: int = Field(default=4, description="Parallel pg_restore jobs.")
+    no_owner: bool = Field(default=False, description="Skip ownership (roles missing on target).")
+    allow_unverified: bool = Field(default=False, description="Allow a backup that has not "
+                                   "passed verification (not recommended).")
+
+
+@dg.op(pool=POOL)
+def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConfig,
+                     repository: BackupRepositoryResource,
+                     postgres: PostgresResource) -> dict:
+    """Restore one database of a PostgreSQL backup, then compare row counts with its manifest."""
+    repo = repository.open()
+    record = repo.resolve(STORE, config.partition_key, require_verified=not config.allow_unverified)
+    target = config.target_database or (
+        f"{config.source_database[:30]}_restore_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}")
+    context.log.info(f"restoring {config.source_database!r} from backup {record.backup_id} "
+                     f"(partition {record.partition_key}) into {target!r}")
+    report = engine.restore(repo, record, postgres.server(), source_database=config.source_database,
+                            target_database=target, confirm=config.confirm, jobs=config.jobs,
+                            no_owner=config.no_owner, timeout_s=postgres.timeout_s,
+                            log=context.log.info)
+    context.add_output_metadata({
+        "partition_key": dg.MetadataValue.text(record.partition_key),
+        "backup_id": dg.MetadataValue.text(record.backup_id),
+        "target_database": dg.MetadataValue.text(report.target_database),
+        "replaced_existing": dg.MetadataValue.bool(report.replaced_existing),
+        "tables": dg.MetadataValue.int(report.tables),
+        "rows": dg.MetadataValue.int(report.rows),
+        "large_objects": dg.MetadataValue.int(report.large_objects),
+        "matches_manifest": dg.MetadataValue.bool(report.matches_manifest),
+        "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
+    })
+    return {"target_database": report.target_database, "rows": report.rows,
+            "tables": report.tables, "backup_id": record.backup_id}
+
+
+@dg.job(tags={"store": STORE, "kind": "restore"})
+def restore_postgres_job():
+    """Restore a PostgreSQL backup (a partition or the latest verified) into a scratch database,
+    or over an existing one with explicit confirmation. Row counts are checked against the
+    backup's manifest before the target is touched."""
+    restore_postgres()
+
+
+postgres_backup_job = dg.define_asset_job(
+    "postgres_backup_job",
+    selection=dg.AssetSelection.groups(GROUP),
+    partitions_def=DAILY_PARTITIONS,
+    description="Back up, verify and apply retention for one daily PostgreSQL partition.",
+)
+
+postgres_backup_schedule = dg.build_schedule_from_partitioned_job(
+    postgres_backup_job, hour_of_day=2, minute_of_hour=0,
+    default_status=dg.DefaultScheduleStatus.STOPPED)
+
+defs = dg.Definitions(
+    assets=[postgres_backup, postgres_backup_verified, postgres_retention],
+    jobs=[postgres_backup_job, restore_postgres_job],
+    schedules=[postgres_backup_schedule],
+)

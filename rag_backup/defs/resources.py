@@ -1,0 +1,75 @@
+"""Resources: where the backup repository is and how to reach each store.
+Secrets arrive through ``dg.EnvVar`` and are never shown in the UI, logs or metadata.
+"""
+
+
+import os
+
+import dagster as dg
+from pydantic import Field
+
+from rag_backup.engines.postgres import PostgresServer
+from rag_backup.repository import BackupRepository, backend_from_url
+
+
+def optional_env(name: str) -> dg.EnvVar | None:
+    """``EnvVar(name)`` when the variable is set where the definitions load, else ``None``."""
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+class BackupRepositoryResource(dg.ConfigurableResource):
+    """The backup repository: a local directory, or ``s3://bucket/prefix`` (MinIO ``backups``)."""
+
+    location: str = Field(description="Directory path, or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL for s3:// locations")
+    s3_access_key: str | None = Field(default=None, description="S3 access key (from the environment)")
+    s3_secret_key: str | None = Field(default=None, description="S3 secret key (from the environment)")
+    s3_region: str = "us-east-1"
+
+    def open(self) -> BackupRepository:
+        return BackupRepository(backend_from_url(
+            self.location, s3_endpoint=self.s3_endpoint, s3_access_key=self.s3_access_key,
+            s3_secret_key=self.s3_secret_key, s3_region=self.s3_region))
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """The PostgreSQL server to back up and restore into (a superuser, or a role that may dump
+    every configured database and create databases)."""
+
+    host: str
+    port: int = 5432
+    user: str
+    password: str = Field(default="", description="From the environment (RAG_PG_PASSWORD)")
+    databases: str = Field(default="", description="Comma-separated databases; empty: every "
+                                                   "non-template database")
+    bin_dir: str | None = Field(default=None, description="Directory of pg_dump/pg_restore; "
+                                                          "default: the newest installed")
+    timeout_s: int = Field(default=6 * 3600, description="Deadline of one pg_dump/pg_restore")
+    zstd_level: int = Field(default=3, description="zstd level of the dump stream (1-19)")
+
+    def server(self) -> PostgresServer:
+        return PostgresServer(self.host, self.port, self.user, self.password,
+                              bin_dir=self.bin_dir)
+
+    def database_list(self) -> list[str] | None:
+        names = [d.strip() for d in self.databases.split(",") if d.strip()]
+        return names or None
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """Resources configured from the environment (names in README.md, 'Configuration')."""
+    return {
+        "repository": BackupRepositoryResource(
+            location=dg.EnvVar("RAG_BACKUP_REPOSITORY"),
+            s3_endpoint=optional_env("RAG_S3_ENDPOINT"),
+            s3_access_key=optional_env("RAG_S3_ACCESS_KEY"),
+            s3_secret_key=optional_env("RAG_S3_SECRET_KEY"),
+        ),
+        "postgres": PostgresResource(
+            host=dg.EnvVar("RAG_PG_HOST"),
+            port=dg.EnvVar.int("RAG_PG_PORT"),
+            user=dg.EnvVar("RAG_PG_USER"),
+            password=optional_env("RAG_PG_PASSWORD") or "",
+            databases=optional_env("RAG_PG_DATABASES") or "",
+        ),
+    }

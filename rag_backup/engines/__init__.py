@@ -1,0 +1,1 @@
+"""One module per store: backup, verify, restore, fingerprint. Plain Python, no Dagster."""
