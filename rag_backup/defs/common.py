@@ -10,7 +10,13 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.errors import BackupNotFound, StoreUnreachable
-from rag_backup.repository import BackupRecord, BackupRepository, Manifest, Verification
+from rag_backup.repository import (
+    BackupRecord,
+    BackupRepository,
+    Manifest,
+    RetentionDecision,
+    Verification,
+)
 from rag_backup.repository.manifest import utcnow
 
 UNREACHABLE_RETRIES = 3
@@ -54,10 +60,10 @@ def verify_and_record(context: dg.AssetExecutionContext, repo: BackupRepository,
         checks = check(record)
     except Exception as exc:
         repo.record_verification(store, key, Verification(
-            record.backup_id, False, utcnow(), context.run_id, error=str(exc)))
+            record.backup_id, False, utcnow(), context.run.run_id, error=str(exc)))
         raise
     repo.record_verification(store, key, Verification(
-        record.backup_id, True, utcnow(), context.run_id, checks=checks))
+        record.backup_id, True, utcnow(), context.run.run_id, checks=checks))
     return dg.MaterializeResult(metadata={
         "backup_id": dg.MetadataValue.text(record.backup_id),
         "verified": dg.MetadataValue.bool(True),
@@ -72,6 +78,49 @@ class RetentionConfig(dg.Config):
                                                      "nothing.")
 
 
+def mark_partitions_deleted(instance: dg.DagsterInstance, asset_keys: tuple[dg.AssetKey, ...],
+                            deleted: list[RetentionDecision]) -> None:
+    """Make the UI stop presenting deleted backups as present.
+
+    Storages that can wipe single partitions (Dagster+) do so. Dagster OSS's SQL storages cannot
+    (``wipe_asset_partitions`` raises NotImplementedError, dagster-io/dagster#14749); there the
+    materializations of those partitions are taken out of the partition index (their events stay
+    in the run logs) and the asset's cached partition status is reset. Either way each deleted
+    partition gets an observation ``present: false`` with the reason, on its timeline.
+    """
+    partitions = [d.partition_key for d in deleted]
+    for key in asset_keys:
+        try:
+            instance.wipe_asset_partitions(key, partitions)
+        except NotImplementedError:
+            _unindex_partitions(instance, key, partitions)
+        for d in deleted:
+            instance.report_runless_asset_event(dg.AssetObservation(
+                asset_key=key, partition=d.partition_key,
+                description=f"backup {d.backup_id} deleted by retention: {d.reason}",
+                metadata={"present": dg.MetadataValue.bool(False),
+                          "backup_id": dg.MetadataValue.text(d.backup_id),
+                          "deleted_because": dg.MetadataValue.text(d.reason)}))
+
+
+def _unindex_partitions(instance: dg.DagsterInstance, key: dg.AssetKey,
+                        partitions: list[str]) -> None:
+    from dagster._core.storage.event_log.schema import AssetKeyTable, SqlEventLogStorageTable
+    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+    storage = instance.event_log_storage
+    if not isinstance(storage, SqlEventLogStorage):
+        return
+    events = SqlEventLogStorageTable
+    with storage.index_connection() as conn:
+        conn.execute(events.update().where(
+            events.c.asset_key == key.to_string(),
+            events.c.partition.in_(partitions),
+        ).values(partition=None))
+        conn.execute(AssetKeyTable.update().where(
+            AssetKeyTable.c.asset_key == key.to_string()).values(cached_status_data=None))
+
+
 def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,
                     window: timedelta, dry_run: bool,
                     asset_keys: tuple[dg.AssetKey, ...]) -> dg.MaterializeResult:
@@ -83,8 +132,7 @@ def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, s
         verb = ("would delete" if dry_run else "deleted") if d.delete else "kept"
         context.log.info(f"{store} {d.partition_key} ({d.backup_id}): {verb}: {d.reason}")
     if deleted and not dry_run:
-        for key in asset_keys:
-            context.instance.wipe_asset_partitions(key, [d.partition_key for d in deleted])
+        mark_partitions_deleted(context.instance, asset_keys, deleted)
     return dg.MaterializeResult(metadata={
         "dry_run": dg.MetadataValue.bool(dry_run),
         "backups_kept": dg.MetadataValue.int(len(decisions) - len(deleted)),

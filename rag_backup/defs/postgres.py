@@ -36,7 +36,7 @@ def postgres_backup(context: dg.AssetExecutionContext, repository: BackupReposit
     key = context.partition_key
     ensure_within_window(STORE, key, now=utcnow(), window=RETENTION)
     repo = repository.open()
-    with retry_when_unreachable(), repo.begin(STORE, key, context.run_id) as pending:
+    with retry_when_unreachable(), repo.begin(STORE, key, context.run.run_id) as pending:
         outcome = engine.backup(postgres.server(), pending, databases=postgres.database_list(),
                                 timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
                                 log=context.log.info)
@@ -130,7 +130,6 @@ def restore_postgres_job():
 postgres_backup_job = dg.define_asset_job(
     "postgres_backup_job",
     selection=dg.AssetSelection.groups(GROUP),
-    partitions_def=DAILY_PARTITIONS,
     description="Back up, verify and apply retention for one daily PostgreSQL partition.",
 )
 

@@ -361,14 +361,16 @@ def _decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact,
                          consumer: StreamingProcess | None, out=None) -> None:
     """Stream an artifact through sha256 and zstd into a child's stdin and/or a file."""
     decompressor = zstandard.ZstdDecompressor().decompressobj()
-    state = {"pipe_open": consumer is not None}
+    state: dict[str, Any] = {"pipe_open": consumer is not None, "error": None}
 
     def feed(chunk: bytes) -> None:
+        if state["error"] is not None:  # keep hashing: a checksum mismatch is the better report
+            return
         try:
             data = decompressor.decompress(chunk)
         except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{record.location}/{artifact.path} is not a valid zstd "
-                                 f"stream: {exc}") from exc
+            state["error"] = exc
+            return
         if out is not None:
             out.write(data)
         if state["pipe_open"] and data:
@@ -378,6 +380,9 @@ def _decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact,
                 state["pipe_open"] = False
 
     repo.stream_artifact(record, artifact, feed)
+    if state["error"] is not None:
+        raise IntegrityError(f"{record.location}/{artifact.path} is not a valid zstd stream: "
+                             f"{state['error']}")
     if not decompressor.eof:
         raise IntegrityError(f"{record.location}/{artifact.path} ends before its zstd frame "
                              "does (truncated)")

@@ -1,0 +1,60 @@
+"""Session fixtures: one real local stack (PostgreSQL, Redis, S3 server, Milvus) for the run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rag_backup.devstack import DevStack
+from rag_backup.engines.postgres import PostgresServer
+from rag_backup.repository import BackupRepository, FilesystemBackend
+
+ALL_SERVICES = ("postgres", "redis", "s3", "milvus")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    """The embedded stack, started and seeded once per session, stopped afterwards."""
+    root = tmp_path_factory.mktemp("stack")
+    stack = DevStack(root=root, services=ALL_SERVICES)
+    try:
+        stack.up(seed=True)
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def stack_env(stack: DevStack) -> dict[str, str]:
+    return stack.env()
+
+
+@pytest.fixture(scope="session")
+def pg(stack_env: dict[str, str]) -> PostgresServer:
+    return PostgresServer(stack_env["RAG_PG_HOST"], int(stack_env["RAG_PG_PORT"]),
+                          stack_env["RAG_PG_USER"], stack_env["RAG_PG_PASSWORD"])
+
+
+@pytest.fixture
+def repo_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "repository"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def repo(repo_dir: Path) -> BackupRepository:
+    return BackupRepository(FilesystemBackend(repo_dir))
+
+
+@pytest.fixture
+def dagster_env(stack_env: dict[str, str], repo_dir: Path,
+                monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The process environment the Definitions read, pointing at the stack and a fresh repo."""
+    for name, value in stack_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RAG_BACKUP_REPOSITORY", str(repo_dir))
+    return dict(os.environ)
