@@ -1,0 +1,93 @@
+"""Real dagster-webserver and dagster-daemon processes on this project's dagster.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(os.sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DagsterUI:
+    url: str
+    home: Path
+    logs: list[Path]
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(f"{self.url}/graphql", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            doc = json.loads(resp.read())
+        assert "errors" not in doc, doc["errors"]
+        return doc["data"]
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in self.logs if p.exists())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@contextmanager
+def dagster_ui(env: dict[str, str], home: Path, *, daemon: bool = True,
+               startup_timeout: float = 180) -> Iterator[DagsterUI]:
+    """Start the webserver (and daemon) with ``home`` as DAGSTER_HOME; stop them afterwards."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    child_env = {**os.environ, **env, "DAGSTER_HOME": str(home)}
+    commands = {"webserver": [str(VENV_BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p",
+                              str(port), "-w", str(PROJECT / "workspace.yaml")]}
+    if daemon:
+        commands["daemon"] = [str(VENV_BIN / "dagster-daemon"), "run", "-w",
+                              str(PROJECT / "workspace.yaml")]
+    procs, logs = [], []
+    try:
+        for name, argv in commands.items():
+            log = home / f"{name}.log"
+            logs.append(log)
+            with open(log, "wb") as out:
+                procs.append(subprocess.Popen(argv, cwd=PROJECT, env=child_env, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        ui = DagsterUI(f"http://127.0.0.1:{port}", home, logs)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{ui.url}/server_info", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"dagster did not start:\n{ui.log_tail()}") from None
+                time.sleep(1)
+        yield ui
+    finally:
+        for proc in procs:
+            _stop(proc)
