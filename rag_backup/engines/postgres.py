@@ -9,7 +9,6 @@ gzip-like sizes at several times the rate. The archive stays a custom-format arc
 from __future__ import annotations
 
 import glob
-import os
 import shutil
 import tempfile
 import threading
@@ -25,6 +24,7 @@ import psycopg2.extensions
 import zstandard
 from psycopg2 import sql
 
+from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
@@ -40,7 +40,6 @@ from rag_backup.repository import BackupRecord, BackupRepository, PendingBackup
 STORE = "postgres"
 DUMP_SUFFIX = ".dump.zst"
 GLOBALS_ARTIFACT = "globals.sql.zst"
-COPY_CHUNK = 1024 * 1024
 MAX_IDENTIFIER = 63
 Log = Callable[[str], None]
 AUTH_FAILURES = ("password authentication failed", "no password supplied",
@@ -194,18 +193,6 @@ def tool_version(server: PostgresServer, name: str) -> str:
 
 # -- backup ------------------------------------------------------------------------------
 
-def _copy_stream(source, sink, chunk: int = COPY_CHUNK) -> int:
-    total = 0
-    for block in iter(lambda: source.read(chunk), b""):
-        sink.write(block)
-        total += len(block)
-    return total
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    return zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
-
-
 def dump_database(server: PostgresServer, database: str, pending: PendingBackup, *,
                   timeout_s: float, zstd_level: int = 3) -> DatabaseFingerprint:
     """``pg_dump -Fc`` of ``database`` on an exported snapshot; row counts in the same snapshot."""
@@ -231,10 +218,8 @@ def dump_database(server: PostgresServer, database: str, pending: PendingBackup,
         counter = threading.Thread(target=count, name=f"count-{database}", daemon=True)
         counter.start()
         try:
-            with pending.artifact(f"{database}{DUMP_SUFFIX}") as out:
-                with _compressor(zstd_level).stream_writer(out, closefd=False) as zout:
-                    _copy_stream(dump.proc.stdout, zout)
-                dump.wait()
+            compress_into(pending, f"{database}{DUMP_SUFFIX}", dump.proc.stdout, zstd_level)
+            dump.wait()
         except BaseException:
             dump.abort()
             raise
@@ -258,10 +243,8 @@ def dump_globals(server: PostgresServer, pending: PendingBackup, *, timeout_s: f
             what=f"pg_dumpall --globals-only on {server.describe()}", timeout=timeout_s,
             env=server.env())
         try:
-            with pending.artifact(GLOBALS_ARTIFACT) as out:
-                with _compressor(zstd_level).stream_writer(out, closefd=False) as zout:
-                    _copy_stream(proc.proc.stdout, zout)
-                proc.wait()
+            compress_into(pending, GLOBALS_ARTIFACT, proc.proc.stdout, zstd_level)
+            proc.wait()
         except BaseException:
             proc.abort()
             raise
@@ -335,7 +318,7 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
                                           f"{record.location}/{artifact.path}",
                                           timeout=timeout_s, stdin=True, stdout=listing)
             try:
-                _decompress_artifact(repo, record, artifact, lister)
+                decompress_artifact(repo, record, artifact, consumer=lister)
                 if lister is not None:
                     lister.wait()
             except BaseException:
@@ -355,37 +338,6 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
         checks["archives_listed"] += 1
     checks["bytes_checked"] = manifest.size_bytes
     return checks
-
-
-def _decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact,
-                         consumer: StreamingProcess | None, out=None) -> None:
-    """Stream an artifact through sha256 and zstd into a child's stdin and/or a file."""
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    state: dict[str, Any] = {"pipe_open": consumer is not None, "error": None}
-
-    def feed(chunk: bytes) -> None:
-        if state["error"] is not None:  # keep hashing: a checksum mismatch is the better report
-            return
-        try:
-            data = decompressor.decompress(chunk)
-        except zstandard.ZstdError as exc:
-            state["error"] = exc
-            return
-        if out is not None:
-            out.write(data)
-        if state["pipe_open"] and data:
-            try:
-                consumer.proc.stdin.write(data)
-            except BrokenPipeError:  # pg_restore --list stops after the table of contents
-                state["pipe_open"] = False
-
-    repo.stream_artifact(record, artifact, feed)
-    if state["error"] is not None:
-        raise IntegrityError(f"{record.location}/{artifact.path} is not a valid zstd stream: "
-                             f"{state['error']}")
-    if not decompressor.eof:
-        raise IntegrityError(f"{record.location}/{artifact.path} ends before its zstd frame "
-                             "does (truncated)")
 
 
 # -- restore -----------------------------------------------------------------------------
@@ -461,7 +413,7 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
         with tempfile.TemporaryDirectory(prefix="rag-backup-pg-", dir=workdir) as tmp:
             archive = Path(tmp) / "archive.dump"
             with open(archive, "wb") as out:
-                _decompress_artifact(repo, record, artifact, None, out)
+                decompress_artifact(repo, record, artifact, out=out)
             log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes")
             with admin.cursor() as cur:
                 cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {} "
