@@ -14,10 +14,12 @@ from rag_backup.repository import (
     BackupRecord,
     BackupRepository,
     Manifest,
+    PendingBackup,
     RetentionDecision,
     Verification,
 )
 from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.retention import ensure_within_window
 
 UNREACHABLE_RETRIES = 3
 UNREACHABLE_WAIT_S = 30
@@ -44,6 +46,28 @@ def backup_metadata(manifest: Manifest, location: str, **counts: int) -> dict[st
                      else dg.MetadataValue.path(location)),
         **{name: dg.MetadataValue.int(value) for name, value in counts.items()},
     }
+
+
+def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,
+                  window: timedelta, take: Callable[[PendingBackup], Any],
+                  counts: Callable[[Any], dict[str, int]]) -> dg.MaterializeResult:
+    """Back up the context's partition: refuse one outside ``window``, run ``take`` (an engine's
+    backup) into a pending backup, commit it, and report its metadata.
+
+    ``take`` returns an outcome with ``fingerprint``, ``tool_versions`` and ``server_version``;
+    ``counts`` turns it into the numbers the UI plots. Unreachable stores are retried."""
+    key = context.partition_key
+    ensure_within_window(store, key, now=utcnow(), window=window)
+    with retry_when_unreachable(), repo.begin(store, key, context.run.run_id) as pending:
+        outcome = take(pending)
+        manifest = pending.commit(fingerprint=outcome.fingerprint,
+                                  tool_versions=outcome.tool_versions,
+                                  server_version=outcome.server_version)
+    record = repo.get(store, key)
+    assert record is not None and record.backup_id == manifest.backup_id
+    metadata = backup_metadata(manifest, record.location, **counts(outcome))
+    metadata["server_version"] = dg.MetadataValue.text(outcome.server_version)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def verify_and_record(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,

@@ -8,16 +8,13 @@ from pydantic import Field
 from rag_backup.defs.common import (
     RetentionConfig,
     apply_retention,
-    backup_metadata,
-    retry_when_unreachable,
+    commit_backup,
     verify_and_record,
 )
 from rag_backup.defs.partitions import DAILY_PARTITIONS
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.engines import postgres as engine
 from rag_backup.repository import LATEST
-from rag_backup.repository.manifest import utcnow
-from rag_backup.repository.retention import ensure_within_window
 
 STORE = engine.STORE
 RETENTION = timedelta(days=30)
@@ -33,22 +30,13 @@ def postgres_backup(context: dg.AssetExecutionContext, repository: BackupReposit
     """Daily `pg_dump -Fc` of every configured database (one exported snapshot per database,
     exact row counts read in that snapshot) plus roles and tablespaces, compressed with zstd and
     committed atomically to the backup repository."""
-    key = context.partition_key
-    ensure_within_window(STORE, key, now=utcnow(), window=RETENTION)
-    repo = repository.open()
-    with retry_when_unreachable(), repo.begin(STORE, key, context.run.run_id) as pending:
-        outcome = engine.backup(postgres.server(), pending, databases=postgres.database_list(),
-                                timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
-                                log=context.log.info)
-        manifest = pending.commit(fingerprint=outcome.fingerprint,
-                                  tool_versions=outcome.tool_versions,
-                                  server_version=outcome.server_version)
-    record = repo.get(STORE, key)
-    assert record is not None
-    metadata = backup_metadata(manifest, record.location, tables=outcome.tables,
-                               rows=outcome.rows, databases=len(outcome.fingerprint["databases"]))
-    metadata["server_version"] = dg.MetadataValue.text(outcome.server_version)
-    return dg.MaterializeResult(metadata=metadata)
+    def take(pending):
+        return engine.backup(postgres.server(), pending, databases=postgres.database_list(),
+                             timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
+                             log=context.log.info)
+
+    return commit_backup(context, repository.open(), STORE, RETENTION, take, lambda o: {
+        "tables": o.tables, "rows": o.rows, "databases": len(o.fingerprint["databases"])})
 
 
 @dg.asset(deps=[postgres_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP,

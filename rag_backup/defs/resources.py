@@ -9,6 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.engines.postgres import PostgresServer
+from rag_backup.engines.redis import RedisServer
 from rag_backup.repository import BackupRepository, backend_from_url
 
 
@@ -56,6 +57,20 @@ class PostgresResource(dg.ConfigurableResource):
         return names or None
 
 
+class RedisResource(dg.ConfigurableResource):
+    """The Redis server to back up (and the default target of replay restores)."""
+
+    host: str
+    port: int = 6379
+    username: str | None = Field(default=None, description="ACL user; empty for the default")
+    password: str = Field(default="", description="From the environment (RAG_REDIS_PASSWORD)")
+    timeout_s: int = Field(default=3600, description="Deadline of one RDB transfer or load")
+    zstd_level: int = Field(default=3, description="zstd level of the stored RDB (1-19)")
+
+    def server(self) -> RedisServer:
+        return RedisServer(self.host, self.port, self.password, self.username)
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources configured from the environment (names in README.md, 'Configuration')."""
     return {
@@ -71,5 +86,11 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             user=dg.EnvVar("RAG_PG_USER"),
             password=optional_env("RAG_PG_PASSWORD") or "",
             databases=optional_env("RAG_PG_DATABASES") or "",
+        ),
+        "redis": RedisResource(
+            host=dg.EnvVar("RAG_REDIS_HOST"),
+            port=dg.EnvVar.int("RAG_REDIS_PORT"),
+            username=optional_env("RAG_REDIS_USERNAME"),
+            password=optional_env("RAG_REDIS_PASSWORD") or "",
         ),
     }

@@ -1,0 +1,479 @@
+"""Redis: the RDB taken as a replica receives it, verified, and restored two ways.
+
+Backup: ``redis-cli --rdb`` asks the server for a full synchronisation (``REPLCONF rdb-only``),
+so no access to the server's disk is needed and the file is the server's state at one fork. The
+fingerprint (keys and expiring keys per db) is read from that file by loading it into a private,
+temporary ``redis-server`` configured as a replica of nothing: a replica keeps keys whose TTL has
+passed, so the counts are those of the file, and ``redis-check-rdb`` (the official parser) agrees
+with them at verification.
+
+Restore: (1) replay into a running server: keys are read from a temporary server holding the
+backup and copied with DUMP / RESTORE ... ABSTTL, pipelined, keeping absolute expiry times;
+(2) file mode for a stopped server: the RDB is placed atomically into its data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from rag_backup.engines.zstream import compress_into, decompress_artifact
+from rag_backup.errors import (
+    ConfirmationRequired,
+    CredentialsRejected,
+    IntegrityError,
+    InvalidRequest,
+    StoreUnreachable,
+    ToolError,
+)
+from rag_backup.proc import StreamingProcess, run, tail
+from rag_backup.repository import BackupRecord, BackupRepository, PendingBackup
+
+STORE = "redis"
+RDB_ARTIFACT = "dump.rdb.zst"
+PIPELINE_BATCH = 1000
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """How to reach a Redis server. The password travels in the environment or the protocol."""
+
+    host: str
+    port: int
+    password: str = field(repr=False, default="")
+    username: str | None = None
+    timeout_s: float = 30
+
+    def describe(self, db: int | None = None) -> str:
+        where = f"{self.host}:{self.port}"
+        return f"Redis {where}" if db is None else f"Redis {where}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, db=db, username=self.username,
+                           password=self.password or None, socket_timeout=self.timeout_s,
+                           socket_connect_timeout=min(self.timeout_s, 10))
+
+    def check(self) -> dict[str, Any]:
+        """``INFO server`` of a reachable server that accepts our credentials, else a clear error."""
+        try:
+            return self.client().info("server")
+        except redis.AuthenticationError as exc:
+            raise CredentialsRejected(f"{self.describe()} refused the login: {exc}; check "
+                                      "RAG_REDIS_PASSWORD") from exc
+        except redis.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise CredentialsRejected(f"{self.describe()} refused the login: {exc}; check "
+                                          "RAG_REDIS_PASSWORD") from exc
+            raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnreachable(f"{self.describe()} is unreachable: {exc}") from exc
+
+    def cli_args(self) -> list[str]:
+        args = ["-h", self.host, "-p", str(self.port), "--no-auth-warning"]
+        return args + (["--user", self.username] if self.username else [])
+
+    def cli_env(self) -> dict[str, str]:
+        return {"REDISCLI_AUTH": self.password} if self.password else {}
+
+
+def _binary(name: str, override: str | None = None) -> str:
+    found = override or shutil.which(name)
+    if not found:
+        raise ToolError(f"{name} is not installed (Debian packages redis-server / redis-tools)")
+    return found
+
+
+@dataclass(frozen=True)
+class BackupOutcome:
+    fingerprint: dict[str, Any]
+    tool_versions: dict[str, str]
+    server_version: str
+
+    @property
+    def keys(self) -> int:
+        return self.fingerprint["keys"]
+
+
+# -- a private, temporary redis-server holding an RDB -------------------------------------
+
+@contextmanager
+def scratch_server(rdb: Path, *, binary: str | None = None,
+                   timeout_s: float = 600) -> Iterator[Path]:
+    """A redis-server on a unix socket in a private directory, loaded with ``rdb``; yields the
+    socket's path (connect with ``unix_client``).
+
+    It is a replica of a port nobody listens on, so it keeps keys whose TTL has passed (a
+    master drops them on load) and never expires anything while we read it."""
+    workdir = Path(tempfile.mkdtemp(prefix="rag-backup-redis-"))
+    os.chmod(workdir, 0o700)
+    try:
+        os.link(rdb, workdir / "dump.rdb")
+    except OSError:
+        shutil.copyfile(rdb, workdir / "dump.rdb")
+    sock = workdir / "redis.sock"
+    (workdir / "redis.conf").write_text(
+        "port 0\n"
+        f"unixsocket {sock}\nunixsocketperm 700\n"
+        f"dir {workdir}\ndbfilename dump.rdb\n"
+        'save ""\nappendonly no\ndaemonize no\n'
+        f"replicaof 127.0.0.1 {_closed_port()}\nreplica-read-only yes\n"
+        "databases 256\nlogfile redis.log\n")
+    proc = subprocess.Popen([_binary("redis-server", binary), str(workdir / "redis.conf")],
+                            cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    client = unix_client(sock, 0, timeout_s)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                log = (workdir / "redis.log")
+                raise IntegrityError(
+                    f"redis-server could not load {rdb.name}: "
+                    f"{tail(log.read_text(errors='replace') if log.exists() else '')}"
+                    f"{tail(proc.stderr.read() if proc.stderr else b'')}")
+            try:
+                if sock.exists() and client.info("persistence").get("loading") == 0:
+                    break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                raise ToolError(f"redis-server did not finish loading {rdb.name} within "
+                                f"{timeout_s:.0f} s")
+            time.sleep(0.05)
+        yield sock
+    finally:
+        client.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+        if proc.stderr:
+            proc.stderr.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def unix_client(sock: Path, db: int, timeout_s: float) -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(sock), db=db, socket_timeout=timeout_s)
+
+
+def _closed_port() -> int:
+    """A loopback port with nothing listening (bound and released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keyspace(client: redis.Redis) -> dict[str, dict[str, int]]:
+    """``{db: {"keys": n, "expires": m}}`` from INFO keyspace, for every non-empty db."""
+    return {name[2:]: {"keys": int(v["keys"]), "expires": int(v["expires"])}
+            for name, v in client.info("keyspace").items() if name.startswith("db")}
+
+
+def fingerprint_rdb(rdb: Path, *, binary: str | None = None,
+                    timeout_s: float = 600) -> dict[str, Any]:
+    with scratch_server(rdb, binary=binary, timeout_s=timeout_s) as sock:
+        client = unix_client(sock, 0, timeout_s)
+        try:
+            dbs = keyspace(client)
+        finally:
+            client.close()
+    return {"dbs": dbs, "keys": sum(d["keys"] for d in dbs.values()),
+            "expires": sum(d["expires"] for d in dbs.values())}
+
+
+# -- backup --------------------------------------------------------------------------------
+
+def fetch_rdb(server: RedisServer, dest: Path, *, timeout_s: float) -> None:
+    """``redis-cli --rdb``: the server's RDB as a replica receives it, into ``dest``."""
+    proc = StreamingProcess([_binary("redis-cli"), *server.cli_args(), "--rdb", str(dest)],
+                            what=f"redis-cli --rdb from {server.describe()}",
+                            timeout=timeout_s, env=server.cli_env(), stdout=False)
+    try:
+        proc.wait()
+    except BaseException:
+        proc.abort()
+        raise
+
+
+def backup(server: RedisServer, pending: PendingBackup, *, timeout_s: float = 3600,
+           zstd_level: int = 3, workdir: str | None = None,
+           redis_server_bin: str | None = None, log: Log = _quiet) -> BackupOutcome:
+    """Fetch the RDB, fingerprint it, and store it zstd-compressed in ``pending``."""
+    info = server.check()
+    with tempfile.TemporaryDirectory(prefix="rag-backup-redis-", dir=workdir) as tmp:
+        rdb = Path(tmp) / "dump.rdb"
+        started = time.monotonic()
+        fetch_rdb(server, rdb, timeout_s=timeout_s)
+        log(f"RDB received from {server.describe()}: {rdb.stat().st_size} bytes in "
+            f"{time.monotonic() - started:.1f} s")
+        fingerprint = fingerprint_rdb(rdb, binary=redis_server_bin, timeout_s=timeout_s)
+        fingerprint["rdb_bytes"] = rdb.stat().st_size
+        with open(rdb, "rb") as source:
+            compress_into(pending, RDB_ARTIFACT, source, zstd_level)
+    versions = {"redis-cli": run([_binary("redis-cli"), "--version"], what="redis-cli --version",
+                                 timeout=30).stdout.decode().strip()}
+    return BackupOutcome(fingerprint, versions, str(info.get("redis_version", "unknown")))
+
+
+# -- verify --------------------------------------------------------------------------------
+
+CHECK_RE = {name: re.compile(rf"\[info\] (\d+) {name}") for name in
+            ("keys read", "expires", "already expired")}
+
+
+def unpack(repo: BackupRepository, record: BackupRecord, dest: Path) -> Path:
+    """The backup's RDB, checked against the manifest and decompressed to ``dest``."""
+    artifact = next((a for a in record.manifest.artifacts if a.path == RDB_ARTIFACT), None)
+    if artifact is None:
+        raise IntegrityError(f"redis backup {record.partition_key}: manifest has no "
+                             f"{RDB_ARTIFACT}")
+    with open(dest, "wb") as out:
+        decompress_artifact(repo, record, artifact, out=out)
+    return dest
+
+
+def check_rdb(rdb: Path, *, timeout_s: float = 3600) -> dict[str, int]:
+    """``redis-check-rdb``'s verdict and counts; ``IntegrityError`` with its output if it fails."""
+    try:
+        proc = run([_binary("redis-check-rdb"), str(rdb)], what="redis-check-rdb",
+                   timeout=timeout_s)
+    except ToolError as exc:
+        raise IntegrityError(f"redis-check-rdb rejects the RDB: {exc}") from exc
+    out = proc.stdout.decode(errors="replace")
+    counts = {}
+    for name, pattern in CHECK_RE.items():
+        match = pattern.search(out)
+        if match is None:
+            raise IntegrityError(f"redis-check-rdb printed no '{name}' count: {tail(out)}")
+        counts[name.replace(" ", "_")] = int(match.group(1))
+    return counts
+
+
+def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3600,
+           workdir: str | None = None) -> dict[str, Any]:
+    """sha256 and size against the manifest, ``redis-check-rdb``, and its key counts against
+    the fingerprint."""
+    fp = record.manifest.fingerprint
+    with tempfile.TemporaryDirectory(prefix="rag-backup-redis-", dir=workdir) as tmp:
+        counts = check_rdb(unpack(repo, record, Path(tmp) / "dump.rdb"), timeout_s=timeout_s)
+    if counts["keys_read"] != fp["keys"] or counts["expires"] != fp["expires"]:
+        raise IntegrityError(
+            f"redis backup {record.partition_key}: redis-check-rdb reads {counts['keys_read']} "
+            f"keys ({counts['expires']} expiring), the manifest records {fp['keys']} "
+            f"({fp['expires']})")
+    return {"keys_checked": counts["keys_read"], "expires_checked": counts["expires"]}
+
+
+# -- restore: replay into a running server -------------------------------------------------
+
+@dataclass(frozen=True)
+class DbReport:
+    db: int
+    target_db: int
+    in_backup: int
+    restored: int
+    skipped_existing: int
+    skipped_expired: int
+    skipped_pattern: bool
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    target: str
+    flushed: bool
+    dbs: tuple[DbReport, ...]
+    duration_s: float
+
+    @property
+    def restored(self) -> int:
+        return sum(d.restored for d in self.dbs)
+
+    @property
+    def matches_manifest(self) -> bool:
+        """Every key of the backup is accounted for (only meaningful without a key pattern)."""
+        return all(d.restored + d.skipped_existing + d.skipped_expired == d.in_backup
+                   for d in self.dbs if not d.skipped_pattern)
+
+
+def _copy_db(source: redis.Redis, target: redis.Redis, *, pattern: str, replace: bool
+             ) -> tuple[int, int, int]:
+    restored = existing = expired = 0
+    keys: list[bytes] = []
+
+    def flush_batch() -> None:
+        nonlocal restored, existing, expired
+        read = source.pipeline(transaction=False)
+        for key in keys:
+            read.dump(key)
+            read.pexpiretime(key)
+        values = read.execute()
+        now_ms = int(time.time() * 1000)
+        write = target.pipeline(transaction=False)
+        sent = 0
+        for key, payload, expire_at in zip(keys, values[0::2], values[1::2]):
+            if payload is None or expire_at == -2 or (expire_at > 0 and expire_at <= now_ms):
+                expired += 1
+                continue
+            write.restore(key, max(expire_at, 0), payload, replace=replace,
+                          absttl=expire_at > 0)
+            sent += 1
+        for result in write.execute(raise_on_error=False) if sent else []:
+            if isinstance(result, redis.ResponseError):
+                if "BUSYKEY" in str(result):
+                    existing += 1
+                    continue
+                raise result
+            restored += 1
+        keys.clear()
+
+    for key in source.scan_iter(match=pattern, count=PIPELINE_BATCH):
+        keys.append(key)
+        if len(keys) >= PIPELINE_BATCH:
+            flush_batch()
+    if keys:
+        flush_batch()
+    return restored, existing, expired
+
+
+def replay(repo: BackupRepository, record: BackupRecord, target: RedisServer, *,
+           dbs: Sequence[int] | None = None, target_db: int | None = None,
+           pattern: str = "*", flush: bool = False, replace: bool = False,
+           confirm: str = "", workdir: str | None = None, timeout_s: float = 3600,
+           redis_server_bin: str | None = None, log: Log = _quiet) -> ReplayReport:
+    """Copy keys of a backup into a running server, keeping absolute expiry times.
+
+    ``dbs``: which databases of the backup (default: all); ``target_db`` sends a single source
+    db into another db. Existing keys are left alone unless ``replace``; ``flush`` empties each
+    target db first. Both are destructive and need ``confirm`` equal to ``host:port/db`` of the
+    target (``host:port`` when several dbs are restored).
+    """
+    started = time.monotonic()
+    in_backup = {int(k): v["keys"] for k, v in record.manifest.fingerprint["dbs"].items()}
+    chosen = sorted(in_backup) if dbs is None else sorted(set(dbs))
+    unknown = [d for d in chosen if d not in in_backup]
+    if unknown:
+        raise InvalidRequest(f"redis backup {record.partition_key} has no keys in db(s) "
+                             f"{unknown}; it has dbs {sorted(in_backup)}")
+    if target_db is not None and len(chosen) != 1:
+        raise InvalidRequest("target_db needs exactly one source db (set dbs to one db)")
+    mapping = {db: (target_db if target_db is not None else db) for db in chosen}
+    name = (f"{target.host}:{target.port}/{mapping[chosen[0]]}" if len(chosen) == 1
+            else f"{target.host}:{target.port}")
+    if (flush or replace) and confirm != name:
+        raise ConfirmationRequired(
+            f"{'flushing' if flush else 'replacing existing keys of'} {target.describe()} is "
+            f"destructive: set confirm to {name!r} to proceed")
+    target.check()
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="rag-backup-redis-", dir=workdir) as tmp:
+        rdb = unpack(repo, record, Path(tmp) / "dump.rdb")
+        with scratch_server(rdb, binary=redis_server_bin, timeout_s=timeout_s) as sock:
+            for db, tdb in mapping.items():
+                src, dst = unix_client(sock, db, timeout_s), target.client(tdb)
+                try:
+                    if flush:
+                        dst.flushdb()
+                    restored, existing, expired = _copy_db(src, dst, pattern=pattern,
+                                                           replace=replace)
+                finally:
+                    src.close()
+                    dst.close()
+                log(f"db {db} -> {target.describe(tdb)}: {restored} restored, {existing} "
+                    f"existing kept, {expired} expired skipped")
+                reports.append(DbReport(db, tdb, in_backup[db], restored, existing, expired,
+                                        pattern != "*"))
+    return ReplayReport(name, flush, tuple(reports), time.monotonic() - started)
+
+
+# -- restore: file mode for a stopped server -----------------------------------------------
+
+def servers_using(directory: Path) -> list[int]:
+    """Pids of running redis-server processes whose working directory is ``directory``."""
+    directory = directory.resolve()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            if comm.startswith("redis-server") and Path(os.readlink(entry / "cwd")) == directory:
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@dataclass(frozen=True)
+class PlaceReport:
+    path: str
+    bytes: int
+    keys: int
+    moved_aside: tuple[str, ...]
+
+
+def place_rdb(repo: BackupRepository, record: BackupRecord, data_dir: str, *,
+              filename: str = "dump.rdb", confirm: str = "", timeout_s: float = 3600
+              ) -> PlaceReport:
+    """Put the backup's RDB into a stopped server's data directory, atomically.
+
+    Refused while a redis-server runs in that directory. An existing RDB, or an AOF (which Redis
+    would load instead of the RDB), is moved aside, not deleted, and only with ``confirm`` equal
+    to the directory's path."""
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        raise InvalidRequest(f"{data_dir} is not a directory")
+    if "/" in filename or filename in ("", ".", ".."):
+        raise InvalidRequest(f"unsafe RDB file name {filename!r}")
+    running = servers_using(directory)
+    if running:
+        raise ConfirmationRequired(
+            f"redis-server (pid {', '.join(map(str, running))}) is running in {data_dir}: it "
+            "would overwrite or ignore the restored file; stop it first, or restore in replay "
+            "mode")
+    final = directory / filename
+    in_the_way = [p for p in (final, directory / "appendonlydir", directory / "appendonly.aof")
+                  if p.exists()]
+    if in_the_way and confirm != str(directory):
+        raise ConfirmationRequired(
+            f"{', '.join(p.name for p in in_the_way)} exist(s) in {data_dir} (Redis loads an "
+            f"AOF instead of the RDB): set confirm to {str(directory)!r} to move them aside")
+    tmp = directory / f".{filename}.restore-{os.getpid()}"
+    try:
+        unpack(repo, record, tmp)
+        counts = check_rdb(tmp, timeout_s=timeout_s)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        stat = directory.stat()
+        if os.geteuid() == 0:
+            os.chown(tmp, stat.st_uid, stat.st_gid)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for path in in_the_way:
+            aside = path.with_name(f"{path.name}.before-restore-{stamp}")
+            os.rename(path, aside)
+            moved.append(aside.name)
+        os.rename(tmp, final)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return PlaceReport(str(final), final.stat().st_size, counts["keys_read"], tuple(moved))
