@@ -391,6 +391,8 @@ def replay(repo: BackupRepository, record: BackupRecord, target: RedisServer, *,
                         dst.flushdb()
                     restored, existing, expired = _copy_db(src, dst, pattern=pattern,
                                                            replace=replace)
+                    if pattern == "*":  # SCAN on a replica hides keys whose TTL has passed
+                        expired += src.dbsize() - (restored + existing + expired)
                 finally:
                     src.close()
                     dst.close()
