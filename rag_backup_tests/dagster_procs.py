@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,8 +36,12 @@ class DagsterUI:
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
         request = urllib.request.Request(f"{self.url}/graphql", data=body,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            doc = json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                doc = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"GraphQL {exc.code}: {exc.read().decode(errors='replace')}")
+
         assert "errors" not in doc, doc["errors"]
         return doc["data"]
 

@@ -10,22 +10,23 @@ ASSETS = """
 { assetNodes { assetKey { path } groupName kinds isPartitioned description } }
 """
 DAEMONS = """
-{ instance { daemonHealth { allDaemons { daemonType healthy } } } }
+{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }
 """
 STORAGE = """
 { instance { info } }
 """
 
 
-def test_webserver_and_daemon_on_postgres_storage_show_the_postgres_assets(stack_env, tmp_path):
+def test_webserver_and_daemon_on_postgres_storage_show_the_backup_assets(stack_env, tmp_path):
     with dagster_ui(stack_env, tmp_path / "dagster_home") as ui:
         nodes = {tuple(n["assetKey"]["path"]): n for n in ui.graphql(ASSETS)["assetNodes"]}
-        for name in ("postgres_backup", "postgres_backup_verified", "postgres_retention"):
-            node = nodes[(name,)]
-            assert node["groupName"] == "postgres"
-            assert "postgres" in node["kinds"]
-            assert node["isPartitioned"]
-            assert node["description"]
+        for store in ("postgres", "redis"):
+            for name in (f"{store}_backup", f"{store}_backup_verified", f"{store}_retention"):
+                node = nodes[(name,)]
+                assert node["groupName"] == store
+                assert store in node["kinds"]
+                assert node["isPartitioned"]
+                assert node["description"]
 
         info = ui.graphql(STORAGE)["instance"]["info"]
         assert "PostgresRunStorage" in info and "PostgresEventLogStorage" in info
@@ -33,8 +34,8 @@ def test_webserver_and_daemon_on_postgres_storage_show_the_postgres_assets(stack
 
         deadline = time.monotonic() + 120
         while True:
-            daemons = ui.graphql(DAEMONS)["instance"]["daemonHealth"]["allDaemons"]
-            if daemons and all(d["healthy"] for d in daemons):
+            daemons = ui.graphql(DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"]
+            if daemons and all(d["healthy"] for d in daemons if d["required"]):
                 break
             assert time.monotonic() < deadline, (daemons, ui.log_tail())
             time.sleep(2)
