@@ -2,11 +2,13 @@
 
 import dagster as dg
 
-from rag_backup.defs import postgres, redis
+from rag_backup.defs import automation, postgres, redis
 from rag_backup.defs.resources import default_resources
 
+STORES = [postgres, redis]
+
 defs = dg.Definitions.merge(
-    postgres.defs,
-    redis.defs,
+    *(store.defs for store in STORES),
+    automation.build_defs([store.POLICY for store in STORES]),
     dg.Definitions(resources=default_resources()),
 )

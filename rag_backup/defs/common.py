@@ -3,12 +3,14 @@
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.defs.partitions import TIMEZONE
 from rag_backup.errors import BackupNotFound, StoreUnreachable
 from rag_backup.repository import (
     BackupRecord,
@@ -23,6 +25,19 @@ from rag_backup.repository.retention import ensure_within_window
 
 UNREACHABLE_RETRIES = 3
 UNREACHABLE_WAIT_S = 30
+
+
+@dataclass(frozen=True)
+class StorePolicy:
+    """What automation needs to know about a store: its job, partitions and objectives."""
+
+    store: str
+    job: Any  # the store's asset job (an unresolved asset job definition)
+    partitions_def: dg.TimeWindowPartitionsDefinition
+    retention: timedelta
+    rpo: timedelta
+    due_after: timedelta  # how long after a partition starts its scheduled backup is due
+    backup_asset: dg.AssetKey
 
 
 @contextmanager
@@ -57,7 +72,7 @@ def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, sto
     ``take`` returns an outcome with ``fingerprint``, ``tool_versions`` and ``server_version``;
     ``counts`` turns it into the numbers the UI plots. Unreachable stores are retried."""
     key = context.partition_key
-    ensure_within_window(store, key, now=utcnow(), window=window)
+    ensure_within_window(store, key, now=utcnow(), window=window, tz=TIMEZONE)
     with retry_when_unreachable(), repo.begin(store, key, context.run.run_id) as pending:
         outcome = take(pending)
         manifest = pending.commit(fingerprint=outcome.fingerprint,
@@ -150,7 +165,8 @@ def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, s
                     asset_keys: tuple[dg.AssetKey, ...]) -> dg.MaterializeResult:
     """Delete expired backups (never the newest verified one) and wipe their partitions from
     the listed assets, so the UI stops showing them as present."""
-    decisions = repo.apply_retention(store, now=utcnow(), window=window, dry_run=dry_run)
+    decisions = repo.apply_retention(store, now=utcnow(), window=window, dry_run=dry_run,
+                                     tz=TIMEZONE)
     deleted = [d for d in decisions if d.delete]
     for d in decisions:
         verb = ("would delete" if dry_run else "deleted") if d.delete else "kept"

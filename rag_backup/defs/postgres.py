@@ -7,11 +7,12 @@ from pydantic import Field
 
 from rag_backup.defs.common import (
     RetentionConfig,
+    StorePolicy,
     apply_retention,
     commit_backup,
     verify_and_record,
 )
-from rag_backup.defs.partitions import DAILY_PARTITIONS
+from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.engines import postgres as engine
 from rag_backup.repository import LATEST
@@ -123,7 +124,11 @@ postgres_backup_job = dg.define_asset_job(
 
 postgres_backup_schedule = dg.build_schedule_from_partitioned_job(
     postgres_backup_job, hour_of_day=2, minute_of_hour=0,
-    default_status=dg.DefaultScheduleStatus.STOPPED)
+    default_status=SCHEDULE_STATUS)
+
+POLICY = StorePolicy(
+    store=STORE, job=postgres_backup_job, partitions_def=DAILY_PARTITIONS, retention=RETENTION,
+    rpo=timedelta(days=1), due_after=timedelta(hours=2), backup_asset=postgres_backup.key)
 
 defs = dg.Definitions(
     assets=[postgres_backup, postgres_backup_verified, postgres_retention],

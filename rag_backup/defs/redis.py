@@ -8,11 +8,12 @@ from pydantic import Field
 
 from rag_backup.defs.common import (
     RetentionConfig,
+    StorePolicy,
     apply_retention,
     commit_backup,
     verify_and_record,
 )
-from rag_backup.defs.partitions import HOURLY_PARTITIONS
+from rag_backup.defs.partitions import HOURLY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, RedisResource
 from rag_backup.engines import redis as engine
 from rag_backup.errors import InvalidRequest
@@ -170,7 +171,11 @@ redis_backup_job = dg.define_asset_job(
 )
 
 redis_backup_schedule = dg.build_schedule_from_partitioned_job(
-    redis_backup_job, minute_of_hour=5, default_status=dg.DefaultScheduleStatus.STOPPED)
+    redis_backup_job, minute_of_hour=5, default_status=SCHEDULE_STATUS)
+
+POLICY = StorePolicy(
+    store=STORE, job=redis_backup_job, partitions_def=HOURLY_PARTITIONS, retention=RETENTION,
+    rpo=timedelta(hours=1), due_after=timedelta(minutes=5), backup_asset=redis_backup.key)
 
 defs = dg.Definitions(
     assets=[redis_backup, redis_backup_verified, redis_retention],

@@ -8,6 +8,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.alerts import Notifier, SmtpChannel, WebhookChannel
 from rag_backup.engines.postgres import PostgresServer
 from rag_backup.engines.redis import RedisServer
 from rag_backup.repository import BackupRepository, backend_from_url
@@ -23,8 +24,8 @@ class BackupRepositoryResource(dg.ConfigurableResource):
 
     location: str = Field(description="Directory path, or s3://bucket/prefix")
     s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL for s3:// locations")
-    s3_access_key: str | None = Field(default=None, description="S3 access key (from the environment)")
-    s3_secret_key: str | None = Field(default=None, description="S3 secret key (from the environment)")
+    s3_access_key: str | None = Field(default=None, description="S3 access key (env)")
+    s3_secret_key: str | None = Field(default=None, description="S3 secret key (env)")
     s3_region: str = "us-east-1"
 
     def open(self) -> BackupRepository:
@@ -71,9 +72,56 @@ class RedisResource(dg.ConfigurableResource):
         return RedisServer(self.host, self.port, self.password, self.username)
 
 
+class AlertResource(dg.ConfigurableResource):
+    """Where alerts go: a webhook (JSON POST) and/or e-mail over SMTP. Unset channels are off."""
+
+    webhook_url: str | None = Field(default=None, description="RAG_ALERT_WEBHOOK_URL")
+    webhook_token: str | None = Field(default=None, description="Bearer token "
+                                      "(RAG_ALERT_WEBHOOK_TOKEN)")
+    smtp_host: str | None = Field(default=None, description="RAG_ALERT_SMTP_HOST")
+    smtp_port: int = Field(default=25, description="RAG_ALERT_SMTP_PORT")
+    smtp_username: str | None = Field(default=None, description="RAG_ALERT_SMTP_USERNAME")
+    smtp_password: str | None = Field(default=None, description="RAG_ALERT_SMTP_PASSWORD")
+    smtp_starttls: bool = Field(default=False, description="RAG_ALERT_SMTP_STARTTLS")
+    smtp_from: str = Field(default="rag-backup@localhost", description="RAG_ALERT_EMAIL_FROM")
+    smtp_to: str = Field(default="", description="Comma-separated recipients "
+                         "(RAG_ALERT_EMAIL_TO)")
+
+    def notifier(self) -> Notifier:
+        recipients = tuple(a.strip() for a in self.smtp_to.split(",") if a.strip())
+        smtp = (SmtpChannel(self.smtp_host, self.smtp_port, self.smtp_from, recipients,
+                            self.smtp_username, self.smtp_password, self.smtp_starttls)
+                if self.smtp_host and recipients else None)
+        webhook = WebhookChannel(self.webhook_url, self.webhook_token) if self.webhook_url else None
+        return Notifier(smtp=smtp, webhook=webhook)
+
+
+class AutomationResource(dg.ConfigurableResource):
+    """Tunables of catch-up and RPO monitoring."""
+
+    catchup_window_hours: int = Field(default=72, description="How far back the catch-up sensor "
+                                      "looks for partitions without a backup (never beyond a "
+                                      "store's retention window).")
+    rpo_grace_minutes: int = Field(default=30, description="Added to a store's RPO before an "
+                                   "alert: a backup in progress is not a breach.")
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources configured from the environment (names in README.md, 'Configuration')."""
     return {
+        "alerts": AlertResource(
+            webhook_url=optional_env("RAG_ALERT_WEBHOOK_URL"),
+            webhook_token=optional_env("RAG_ALERT_WEBHOOK_TOKEN"),
+            smtp_host=optional_env("RAG_ALERT_SMTP_HOST"),
+            smtp_port=dg.EnvVar.int("RAG_ALERT_SMTP_PORT") if os.environ.get(
+                "RAG_ALERT_SMTP_PORT") else 25,
+            smtp_username=optional_env("RAG_ALERT_SMTP_USERNAME"),
+            smtp_password=optional_env("RAG_ALERT_SMTP_PASSWORD"),
+            smtp_starttls=os.environ.get("RAG_ALERT_SMTP_STARTTLS", "").lower() in ("1", "true"),
+            smtp_from=optional_env("RAG_ALERT_EMAIL_FROM") or "rag-backup@localhost",
+            smtp_to=optional_env("RAG_ALERT_EMAIL_TO") or "",
+        ),
+        "automation": AutomationResource(),
         "repository": BackupRepositoryResource(
             location=dg.EnvVar("RAG_BACKUP_REPOSITORY"),
             s3_endpoint=optional_env("RAG_S3_ENDPOINT"),

@@ -175,12 +175,12 @@ class BackupRepository:
         return tomb
 
     def apply_retention(self, store: str, *, now: datetime, window: timedelta,
-                        keep_newest_verified: int = 1, dry_run: bool = False
-                        ) -> list[RetentionDecision]:
+                        keep_newest_verified: int = 1, dry_run: bool = False,
+                        tz: str = "UTC") -> list[RetentionDecision]:
         """Plan retention over every backup of ``store`` and, unless ``dry_run``, delete."""
         records = self.list_backups(store)
         decisions = plan_retention(
-            [RetentionCandidate(r.partition_key, r.backup_id, partition_start(r.partition_key),
+            [RetentionCandidate(r.partition_key, r.backup_id, partition_start(r.partition_key, tz),
                                 r.verified) for r in records],
             now=now, window=window, keep_newest_verified=keep_newest_verified)
         if not dry_run:

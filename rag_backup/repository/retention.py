@@ -5,17 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 from rag_backup.errors import InvalidRequest
 
 PARTITION_FORMATS = ("%Y-%m-%d-%H:%M", "%Y-%m-%d")
 
 
-def partition_start(partition_key: str) -> datetime:
-    """The UTC start of a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``) partition."""
+def partition_start(partition_key: str, tz: str = "UTC") -> datetime:
+    """The start of a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``) partition whose
+    key is written in timezone ``tz``."""
+    zone = timezone.utc if tz == "UTC" else ZoneInfo(tz)
     for fmt in PARTITION_FORMATS:
         try:
-            return datetime.strptime(partition_key, fmt).replace(tzinfo=timezone.utc)
+            return datetime.strptime(partition_key, fmt).replace(tzinfo=zone)
         except ValueError:
             continue
     raise InvalidRequest(f"{partition_key!r} is not a daily (YYYY-MM-DD) or hourly "
@@ -74,11 +77,11 @@ def plan_retention(
 
 
 def ensure_within_window(store: str, partition_key: str, *, now: datetime,
-                         window: timedelta) -> None:
+                         window: timedelta, tz: str = "UTC") -> None:
     """Refuse to back up a partition that retention would delete at once."""
     from rag_backup.errors import BackupExpired
 
-    age = now - partition_start(partition_key)
+    age = now - partition_start(partition_key, tz)
     if age > window:
         raise BackupExpired(
             f"{store}: partition {partition_key} is {_age(age)} old, outside the {_age(window)} "

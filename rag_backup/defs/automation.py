@@ -1,0 +1,171 @@
+"""Automation that tells operators what they need to know: catch-up, RPO and failure alerts.
+
+Every sensor reads the backup repository, the source of truth for what exists, not Dagster's
+materialization history.
+"""
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import dagster as dg
+
+from rag_backup.alerts import Alert
+from rag_backup.defs.common import StorePolicy
+from rag_backup.defs.partitions import SENSOR_STATUS, TIMEZONE
+from rag_backup.defs.resources import AlertResource, AutomationResource, BackupRepositoryResource
+from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.retention import partition_start
+
+CATCHUP_INTERVAL_S = 300
+RPO_INTERVAL_S = 120
+MAX_CATCHUP_ATTEMPTS = 3
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+             dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+# -- catch-up ------------------------------------------------------------------------------
+
+def due_partitions(policy: StorePolicy, now: datetime, window: timedelta) -> list[str]:
+    """Partition keys whose scheduled backup should have happened, within ``window`` (and the
+    retention window) before ``now``."""
+    horizon = now - min(window, policy.retention - timedelta(hours=1))
+    keys = policy.partitions_def.get_partition_keys(current_time=now)
+    due = []
+    for key in reversed(keys):
+        start = partition_start(key, TIMEZONE)
+        if start < horizon:
+            break
+        if start + policy.due_after <= now:
+            due.append(key)
+    return sorted(due)
+
+
+def partitions_in_flight(instance: dg.DagsterInstance, job_name: str) -> set[str]:
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT))
+    return {r.tags["dagster/partition"] for r in runs if "dagster/partition" in r.tags}
+
+
+def build_catchup_sensor(policy: StorePolicy) -> dg.SensorDefinition:
+    @dg.sensor(name=f"{policy.store}_catchup_sensor", job=policy.job,
+               minimum_interval_seconds=CATCHUP_INTERVAL_S, default_status=SENSOR_STATUS,
+               description=f"Requests {policy.store} backups for due partitions that have none "
+                           "in the repository (the daemon was down, the store was unreachable, "
+                           f"a run failed), at most {MAX_CATCHUP_ATTEMPTS} times each, within "
+                           "the catch-up window and never beyond retention.")
+    def catchup(context: dg.SensorEvaluationContext, repository: BackupRepositoryResource,
+                automation: AutomationResource):
+        attempts: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+        now = utcnow()
+        present = set(repository.open().partitions(policy.store))
+        missing = [k for k in due_partitions(policy, now,
+                                             timedelta(hours=automation.catchup_window_hours))
+                   if k not in present]
+        running = partitions_in_flight(context.instance, policy.job.name)
+        requests, exhausted = [], []
+        for key in missing:
+            if key in running:
+                continue
+            tries = attempts.get(key, 0)
+            if tries >= MAX_CATCHUP_ATTEMPTS:
+                exhausted.append(key)
+                continue
+            attempts[key] = tries + 1
+            requests.append(dg.RunRequest(
+                partition_key=key, run_key=f"{policy.store}-catchup-{key}-{tries}",
+                tags={"rag_backup/trigger": "catchup"}))
+        context.update_cursor(json.dumps({k: v for k, v in attempts.items() if k in missing}))
+        if requests:
+            return requests
+        reason = (f"{len(missing)} partition(s) without a backup: "
+                  f"{len(missing) - len(exhausted)} running, {len(exhausted)} given up after "
+                  f"{MAX_CATCHUP_ATTEMPTS} attempts ({', '.join(exhausted[:5])})"
+                  if missing else "every due partition in the catch-up window has a backup")
+        return dg.SkipReason(reason)
+
+    return catchup
+
+
+# -- RPO -----------------------------------------------------------------------------------
+
+def build_rpo_sensor(policies: Sequence[StorePolicy]) -> dg.SensorDefinition:
+    @dg.sensor(name="rpo_sensor", minimum_interval_seconds=RPO_INTERVAL_S,
+               default_status=SENSOR_STATUS,
+               description="Alerts once when the newest verified backup of a store is older than "
+                           "its RPO plus a grace (Redis 1 h, daily stores 24 h), and once more "
+                           "when it recovers.")
+    def rpo(context: dg.SensorEvaluationContext, repository: BackupRepositoryResource,
+            automation: AutomationResource, alerts: AlertResource):
+        state: dict[str, dict] = json.loads(context.cursor) if context.cursor else {}
+        repo, notifier, now = repository.open(), alerts.notifier(), utcnow()
+        grace = timedelta(minutes=automation.rpo_grace_minutes)
+        summary = []
+        for policy in policies:
+            latest = repo.latest_verified(policy.store)
+            point = latest.manifest.started_at if latest else None
+            age = now - point if point else None
+            breached = age is None or age > policy.rpo + grace
+            was = state.get(policy.store, {}).get("breached", False)
+            details = {"store": policy.store, "rpo": str(policy.rpo), "grace": str(grace),
+                       "newest_verified_partition": latest.partition_key if latest else "none",
+                       "recovery_point": point.isoformat() if point else "none",
+                       "age": str(age).split(".")[0] if age else "no verified backup"}
+            if breached and not was:
+                notifier.send(Alert(
+                    "rpo_breached", f"{policy.store}: RPO breached",
+                    f"The newest verified {policy.store} backup is "
+                    f"{details['age']} old, beyond the RPO of {policy.rpo} (+{grace} grace). "
+                    f"Check the {policy.job.name} runs and the catch-up sensor.",
+                    policy.store, details))
+            elif was and not breached:
+                notifier.send(Alert(
+                    "rpo_recovered", f"{policy.store}: RPO met again",
+                    f"A verified {policy.store} backup from {details['recovery_point']} is "
+                    f"within the RPO of {policy.rpo} again.", policy.store, details))
+            state[policy.store] = {"breached": breached, "since": now.isoformat()
+                                   if breached != was else state.get(policy.store, {})
+                                   .get("since", now.isoformat())}
+            summary.append(f"{policy.store}: {'BREACHED' if breached else 'ok'} "
+                           f"({details['age']})")
+        context.update_cursor(json.dumps(state))
+        return dg.SkipReason("; ".join(summary))
+
+    return rpo
+
+
+# -- run failures ------------------------------------------------------------------------
+
+def root_message(error) -> str:
+    """The innermost error's own message: what failed, not Dagster's wrapper around it."""
+    if error is None:
+        return ""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+@dg.run_failure_sensor(name="run_failure_alert_sensor", default_status=SENSOR_STATUS,
+                       description="Alerts on every failed run: job, partition, step and error.")
+def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertResource):
+    run = context.dagster_run
+    steps = context.get_step_failure_events()
+    failed = [{"step": e.step_key, "error": root_message(e.step_failure_data.error)}
+              for e in steps]
+    details = {"job": run.job_name, "run_id": run.run_id,
+               "partition": run.tags.get("dagster/partition", "-"),
+               "steps": ", ".join(f["step"] for f in failed) or "-"}
+    for f in failed:
+        details[f"error in {f['step']}"] = f["error"][:2000]
+    if not failed:
+        details["error"] = (context.failure_event.message or "")[:2000]
+    alerts.notifier().send(Alert(
+        "backup_failed" if "backup" in run.job_name else "run_failed",
+        f"{run.job_name} failed" + (f" for {details['partition']}"
+                                    if details["partition"] != "-" else ""),
+        f"Run {run.run_id} of {run.job_name} failed in step(s) {details['steps']}.",
+        run.tags.get("store"), details))
+
+
+def build_defs(policies: Sequence[StorePolicy]) -> dg.Definitions:
+    return dg.Definitions(sensors=[*(build_catchup_sensor(p) for p in policies),
+                                   build_rpo_sensor(policies), run_failure_alert_sensor])
