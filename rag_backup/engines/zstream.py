@@ -37,32 +37,28 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
                         out: IO[bytes] | None = None) -> None:
     """Stream an artifact through sha256 and zstd into a child's stdin and/or a file.
 
-    Raises ``IntegrityError`` for a checksum or size mismatch (reported first: it is the better
-    diagnosis), an invalid zstd stream or a truncated frame. A consumer that stops reading early
-    (``pg_restore --list`` after the table of contents) is tolerated.
+    Memory stays bounded by ``COPY_CHUNK`` whatever the compression ratio. Raises
+    ``IntegrityError`` for a checksum or size mismatch (reported first: it is the better
+    diagnosis) or an invalid zstd stream (zstd's own frame checksum included). A consumer that
+    stops reading early (``pg_restore --list`` after the table of contents) is tolerated.
     """
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    state: dict[str, Any] = {"pipe_open": consumer is not None, "error": None}
-    where = f"{record.location}/{artifact.path}"
-
-    def feed(chunk: bytes) -> None:
-        if state["error"] is not None:
-            return
+    pipe_open = consumer is not None
+    failure: zstandard.ZstdError | None = None
+    with repo.open_checked(record, artifact) as raw:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=COPY_CHUNK,
+                                                            closefd=False)
         try:
-            data = decompressor.decompress(chunk)
+            for block in iter(lambda: reader.read(COPY_CHUNK), b""):
+                if out is not None:
+                    out.write(block)
+                if pipe_open:
+                    try:
+                        consumer.proc.stdin.write(block)  # type: ignore[union-attr]
+                    except BrokenPipeError:
+                        pipe_open = False
         except zstandard.ZstdError as exc:
-            state["error"] = exc
-            return
-        if out is not None:
-            out.write(data)
-        if state["pipe_open"] and data:
-            try:
-                consumer.proc.stdin.write(data)  # type: ignore[union-attr]
-            except BrokenPipeError:
-                state["pipe_open"] = False
-
-    repo.stream_artifact(record, artifact, feed)
-    if state["error"] is not None:
-        raise IntegrityError(f"{where} is not a valid zstd stream: {state['error']}")
-    if not decompressor.eof:
-        raise IntegrityError(f"{where} ends before its zstd frame does (truncated)")
+            failure = exc
+        raw.finish()
+    if failure is not None:
+        raise IntegrityError(f"{record.location}/{artifact.path} is not a valid zstd stream: "
+                             f"{failure}")

@@ -255,6 +255,16 @@ class BackupRepository:
         m = record.manifest
         return self.backend.open_read(f"{m.store}/{m.partition_key}/{m.backup_id}/{artifact.path}")
 
+    def open_checked(self, record: BackupRecord, artifact: Artifact) -> CheckedReader:
+        """A reader of the artifact that hashes what it reads; its ``finish`` checks the whole
+        artifact against the manifest."""
+        try:
+            stream = self.open_artifact(record, artifact)
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"{record.manifest.store} backup {record.partition_key}: "
+                                 f"artifact {record.location}/{artifact.path} is missing") from exc
+        return CheckedReader(stream, record, artifact)
+
     def stream_artifact(self, record: BackupRecord, artifact: Artifact,
                         sink: Callable[[bytes], None] | None = None) -> None:
         """Read an artifact in chunks into ``sink``; raise ``IntegrityError`` on any mismatch.
@@ -262,25 +272,44 @@ class BackupRepository:
         The check happens after the last chunk: a consumer that must not act on corrupt data
         (a restore) writes to scratch space first and acts only once this returns.
         """
-        m = record.manifest
-        where = f"{record.location}/{artifact.path}"
-        digest, size = hashlib.sha256(), 0
-        try:
-            stream = self.open_artifact(record, artifact)
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"{m.store} backup {m.partition_key}: artifact {where} "
-                                 f"is missing") from exc
-        with stream:
-            for chunk in iter(lambda: stream.read(CHUNK), b""):
-                digest.update(chunk)
-                size += len(chunk)
+        with self.open_checked(record, artifact) as reader:
+            for chunk in iter(lambda: reader.read(CHUNK), b""):
                 if sink is not None:
                     sink(chunk)
-        if size != artifact.size:
-            raise IntegrityError(f"{m.store} backup {m.partition_key}: artifact {where} has "
-                                 f"{size} bytes, the manifest says {artifact.size} (truncated "
-                                 f"or overwritten)")
-        if digest.hexdigest() != artifact.sha256:
-            raise IntegrityError(f"{m.store} backup {m.partition_key}: artifact {where} sha256 "
-                                 f"{digest.hexdigest()} does not match the manifest's "
-                                 f"{artifact.sha256} (corrupt)")
+            reader.finish()
+
+
+class CheckedReader:
+    """Reads an artifact while hashing it; ``finish`` reads the rest and compares size and
+    sha256 with the manifest, raising ``IntegrityError`` that names the artifact."""
+
+    def __init__(self, stream: BinaryIO, record: BackupRecord, artifact: Artifact) -> None:
+        self.stream, self.record, self.artifact = stream, record, artifact
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> None:
+        for _ in iter(lambda: self.read(CHUNK), b""):
+            pass
+        m, a = self.record.manifest, self.artifact
+        where = f"{m.store} backup {m.partition_key}: artifact {self.record.location}/{a.path}"
+        if self.size != a.size:
+            raise IntegrityError(f"{where} has {self.size} bytes, the manifest says {a.size} "
+                                 "(truncated or overwritten)")
+        if self.digest.hexdigest() != a.sha256:
+            raise IntegrityError(f"{where} sha256 {self.digest.hexdigest()} does not match the "
+                                 f"manifest's {a.sha256} (corrupt)")
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> CheckedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
