@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ class BackupOutcome:
 # -- reading the server ------------------------------------------------------------------
 
 TABLES_SQL = """
-SELECT n.nspname, c.relname
+SELECT n.nspname, c.relname, c.relpages
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -147,21 +148,58 @@ ORDER BY 1, 2
 """
 
 
-def fingerprint_database(conn: psycopg2.extensions.connection) -> DatabaseFingerprint:
-    """Exact row counts of every user table, read in ``conn``'s current transaction."""
-    with conn.cursor() as cur:
+def _count(cur, table: tuple[str, str]) -> int:
+    cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(*map(sql.Identifier, table)))
+    return cur.fetchone()[0]
+
+
+def _balanced(tables: list[tuple[str, str, int]], bins: int) -> list[list[tuple[str, str]]]:
+    """Tables spread over ``bins`` workers, largest first onto the least loaded."""
+    loads = [[0, []] for _ in range(max(1, bins))]
+    for schema, name, pages in sorted(tables, key=lambda t: -t[2]):
+        target = min(loads, key=lambda load: load[0])
+        target[0] += max(pages, 1)
+        target[1].append((schema, name))
+    return [items for _, items in loads if items]
+
+
+def fingerprint_database(server: PostgresServer, database: str, *, jobs: int = 1,
+                         snapshot: str | None = None) -> DatabaseFingerprint:
+    """Exact row counts of every user table, counted by ``jobs`` connections in parallel; with
+    ``snapshot`` (an exported snapshot) every connection reads that same snapshot."""
+    def connect():
+        conn = server.connect(database)
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        cur = conn.cursor()
+        if snapshot:
+            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        return conn, cur
+
+    conn, cur = connect()
+    try:
         cur.execute("SELECT pg_encoding_to_char(encoding), datcollate, datctype "
                     "FROM pg_database WHERE datname = current_database()")
         encoding, collate, ctype = cur.fetchone()
-        cur.execute(TABLES_SQL)
-        tables = {}
-        for schema, name in cur.fetchall():
-            cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(
-                sql.Identifier(schema), sql.Identifier(name)))
-            tables[f"{schema}.{name}"] = cur.fetchone()[0]
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         large_objects = cur.fetchone()[0]
-    return DatabaseFingerprint(encoding, collate, ctype, tables, large_objects)
+        cur.execute(TABLES_SQL)
+        batches = _balanced(cur.fetchall(), jobs)
+    finally:
+        conn.close()
+
+    def count_batch(batch: list[tuple[str, str]]) -> dict[str, int]:
+        conn, cur = connect()
+        try:
+            return {f"{schema}.{name}": _count(cur, (schema, name)) for schema, name in batch}
+        finally:
+            conn.close()
+
+    tables: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(batches))) as pool:
+        for counted in pool.map(count_batch, batches):
+            tables.update(counted)
+    return DatabaseFingerprint(encoding, collate, ctype, dict(sorted(tables.items())),
+                               large_objects)
 
 
 def list_databases(server: PostgresServer) -> list[str]:
@@ -211,7 +249,7 @@ def dump_database(server: PostgresServer, database: str, pending: PendingBackup,
 
         def count() -> None:
             try:
-                counted["fp"] = fingerprint_database(snap)
+                counted["fp"] = fingerprint_database(server, database, snapshot=snapshot)
             except Exception as exc:  # reported after the dump, with the dump's own error first
                 counted["error"] = exc
 
@@ -427,11 +465,7 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
                     argv.append("--no-owner")
                 run([*argv, str(archive)], what=f"pg_restore into {staging!r} on "
                     f"{server.describe()}", timeout=timeout_s, env=server.env())
-                restored_conn = server.connect(staging)
-                try:
-                    restored = fingerprint_database(restored_conn)
-                finally:
-                    restored_conn.close()
+                restored = fingerprint_database(server, staging, jobs=jobs)
                 mismatches = compare_counts(expected["tables"], restored)
                 if restored.large_objects != expected["large_objects"]:
                     mismatches["(large objects)"] = (expected["large_objects"],
