@@ -65,16 +65,12 @@ databases there, named ``pgbench_<hex>*``; the password comes from RAG_PG_PASSWO
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -85,144 +81,17 @@ from typing import Any
 
 import psycopg2
 from psycopg2 import sql
-
 from rag_backup.engines import postgres as pg
 from rag_backup.proc import run, tail
 from rag_backup.repository import BackupRepository, FilesystemBackend
 
-MB = 1_000_000
+from measure import MB, log, run_measured  # noqa: E402
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-SAMPLE_INTERVAL_S = 0.05
 RANDOM_ROWS_PER_SCALE = 40_000
 PARTITION = "2026-11-24"
 RUN_ID = "postgres-bench"
 SETUP_TIMEOUT_S = 3600.0
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr so stdout carries only the report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- measuring a process tree ------------------------------------------------------------
-
-def _session_of(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # fields after "(comm)": state ppid pgrp session ...
-    return int(stat[stat.rindex(b")") + 2:].split()[3])
-
-
-def _memory_kb(pid: str) -> tuple[int, int]:
-    """``(VmRSS, VmHWM)`` of a process in kB; zeros once it is gone (or for kernel threads)."""
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith(b"VmHWM:"):
-                    hwm = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return rss, hwm
-
-
-def session_memory(session: int) -> tuple[int, int]:
-    """Summed RSS, and the largest single peak RSS, of the live processes of ``session`` (bytes)."""
-    members = [_memory_kb(pid) for pid in session_members(session)]
-    return (sum(rss for rss, _ in members) * 1024,
-            max((hwm for _, hwm in members), default=0) * 1024)
-
-
-class TreeSampler(threading.Thread):
-    """Polls the memory of one session until stopped; keeps the peaks."""
-
-    def __init__(self, session: int, interval_s: float = SAMPLE_INTERVAL_S) -> None:
-        super().__init__(name=f"rss-{session}", daemon=True)
-        self.session, self.interval_s = session, interval_s
-        self.peak_tree_bytes, self.peak_proc_bytes, self.samples = 0, 0, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            tree, proc = session_memory(self.session)
-            self.peak_tree_bytes = max(self.peak_tree_bytes, tree)
-            self.peak_proc_bytes = max(self.peak_proc_bytes, proc)
-            self.samples += 1
-            if self._stop_event.wait(self.interval_s):
-                return
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
-@dataclass(frozen=True)
-class ProcessStats:
-    wall_s: float
-    cpu_s: float
-    peak_tree_rss_bytes: int
-    max_proc_rss_bytes: int
-    rss_samples: int
-    stdout: str
-
-
-def session_members(session: int) -> list[str]:
-    return [pid for pid in os.listdir("/proc") if pid.isdigit() and _session_of(pid) == session]
-
-
-def kill_session(session: int) -> None:
-    """SIGKILL the contender's session; only while it has members, so its id cannot have been
-    reused by an unrelated process."""
-    if session_members(session):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(session, signal.SIGKILL)
-
-
-def run_measured(argv: Sequence[str], *, what: str, timeout_s: float,
-                 env: dict[str, str]) -> ProcessStats:
-    """Run ``argv`` in its own session; time it, sample its tree's RSS, collect its rusage."""
-    expired = threading.Event()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.monotonic()
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env={**os.environ, **env}, start_new_session=True)
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-
-        def expire() -> None:
-            expired.set()
-            kill_session(proc.pid)
-
-        deadline = threading.Timer(timeout_s, expire)
-        deadline.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # interrupted: take the contender down with us
-            kill_session(proc.pid)
-            proc.wait()
-            raise
-        finally:
-            wall = time.monotonic() - started
-            deadline.cancel()
-            sampler.stop()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        kill_session(proc.pid)  # nothing of a finished contender may outlive it
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read()
-    if expired.is_set():
-        raise RuntimeError(f"{what}: did not finish within {timeout_s:g} s; "
-                           f"stderr: {tail(stderr) or '(empty)'}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what}: exited with code {proc.returncode}: "
-                           f"{tail(stderr) or '(no stderr)'}")
-    return ProcessStats(wall, usage.ru_utime + usage.ru_stime, sampler.peak_tree_bytes,
-                        sampler.peak_proc_bytes, sampler.samples, stdout)
 
 
 # -- the server and the data -------------------------------------------------------------
@@ -338,9 +207,9 @@ def create_dataset(server: pg.PostgresServer, name: str, scale: int, rows: int) 
         conn.autocommit = True
         with conn.cursor() as cur:  # hint bits and visibility map set now, not by a contender
             cur.execute("VACUUM (FREEZE, ANALYZE)")
-        tables = pg.fingerprint_database(conn).tables
     finally:
         conn.close()
+    tables = pg.fingerprint_database(server, name).tables
     return Dataset(name, scale, rows, database_size(server, name), tables,
                    time.monotonic() - started)
 

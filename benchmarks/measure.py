@@ -1,0 +1,151 @@
+"""Measuring a contender: wall time, CPU and the peak RSS of its whole process tree.
+
+Each contender runs in its own session; a sampler polls /proc for every process of that session
+(children such as pg_dump, gzip or redis-cli included) every 50 ms and keeps the peaks of the
+summed RSS and of the largest single process (VmHWM). ``ru_maxrss`` is not used: a child's
+includes the RSS of the Python parent it was forked from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rag_backup.proc import tail
+
+MB = 1_000_000
+SAMPLE_INTERVAL_S = 0.05
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so stdout carries only the report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- measuring a process tree ------------------------------------------------------------
+
+def _session_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # fields after "(comm)": state ppid pgrp session ...
+    return int(stat[stat.rindex(b")") + 2:].split()[3])
+
+
+def _memory_kb(pid: str) -> tuple[int, int]:
+    """``(VmRSS, VmHWM)`` of a process in kB; zeros once it is gone (or for kernel threads)."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return rss, hwm
+
+
+def session_memory(session: int) -> tuple[int, int]:
+    """Summed RSS, and the largest single peak RSS, of the live processes of ``session`` (bytes)."""
+    members = [_memory_kb(pid) for pid in session_members(session)]
+    return (sum(rss for rss, _ in members) * 1024,
+            max((hwm for _, hwm in members), default=0) * 1024)
+
+
+class TreeSampler(threading.Thread):
+    """Polls the memory of one session until stopped; keeps the peaks."""
+
+    def __init__(self, session: int, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+        super().__init__(name=f"rss-{session}", daemon=True)
+        self.session, self.interval_s = session, interval_s
+        self.peak_tree_bytes, self.peak_proc_bytes, self.samples = 0, 0, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            tree, proc = session_memory(self.session)
+            self.peak_tree_bytes = max(self.peak_tree_bytes, tree)
+            self.peak_proc_bytes = max(self.peak_proc_bytes, proc)
+            self.samples += 1
+            if self._stop_event.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    wall_s: float
+    cpu_s: float
+    peak_tree_rss_bytes: int
+    max_proc_rss_bytes: int
+    rss_samples: int
+    stdout: str
+
+
+def session_members(session: int) -> list[str]:
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and _session_of(pid) == session]
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL the contender's session; only while it has members, so its id cannot have been
+    reused by an unrelated process."""
+    if session_members(session):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session, signal.SIGKILL)
+
+
+def run_measured(argv: Sequence[str], *, what: str, timeout_s: float,
+                 env: dict[str, str]) -> ProcessStats:
+    """Run ``argv`` in its own session; time it, sample its tree's RSS, collect its rusage."""
+    expired = threading.Event()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env={**os.environ, **env}, start_new_session=True)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+
+        def expire() -> None:
+            expired.set()
+            kill_session(proc.pid)
+
+        deadline = threading.Timer(timeout_s, expire)
+        deadline.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: take the contender down with us
+            kill_session(proc.pid)
+            proc.wait()
+            raise
+        finally:
+            wall = time.monotonic() - started
+            deadline.cancel()
+            sampler.stop()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        kill_session(proc.pid)  # nothing of a finished contender may outlive it
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read()
+    if expired.is_set():
+        raise RuntimeError(f"{what}: did not finish within {timeout_s:g} s; "
+                           f"stderr: {tail(stderr) or '(empty)'}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what}: exited with code {proc.returncode}: "
+                           f"{tail(stderr) or '(no stderr)'}")
+    return ProcessStats(wall, usage.ru_utime + usage.ru_stime, sampler.peak_tree_bytes,
+                        sampler.peak_proc_bytes, sampler.samples, stdout)
