@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from rag_backup.defs import automation, postgres, redis
+from rag_backup.defs import automation, postgres, recovery, redis
 from rag_backup.defs.resources import default_resources
 
 STORES = [postgres, redis]
@@ -10,5 +10,6 @@ STORES = [postgres, redis]
 defs = dg.Definitions.merge(
     *(store.defs for store in STORES),
     automation.build_defs([store.POLICY for store in STORES]),
+    recovery.defs,
     dg.Definitions(resources=default_resources()),
 )

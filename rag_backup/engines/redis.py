@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -71,7 +72,7 @@ class RedisServer:
                            socket_connect_timeout=min(self.timeout_s, 10))
 
     def check(self) -> dict[str, Any]:
-        """``INFO server`` of a reachable server that accepts our credentials, else a clear error."""
+        """``INFO server`` if the server answers and accepts our credentials, else a clear error."""
         try:
             return self.client().info("server")
         except redis.AuthenticationError as exc:
@@ -114,38 +115,37 @@ class BackupOutcome:
 # -- a private, temporary redis-server holding an RDB -------------------------------------
 
 @contextmanager
-def scratch_server(rdb: Path, *, binary: str | None = None,
-                   timeout_s: float = 600) -> Iterator[Path]:
-    """A redis-server on a unix socket in a private directory, loaded with ``rdb``; yields the
-    socket's path (connect with ``unix_client``).
-
-    It is a replica of a port nobody listens on, so it keeps keys whose TTL has passed (a
-    master drops them on load) and never expires anything while we read it."""
+def _private_server(conf: str, rdb: Path | None, *, binary: str | None,
+                    timeout_s: float, password: str | None = None) -> Iterator[Path]:
+    """A redis-server in a private 0700 directory (its config 0600), optionally loaded with
+    ``rdb``; yields its unix socket once the data is loaded. Killed and removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="rag-backup-redis-"))
     os.chmod(workdir, 0o700)
-    try:
-        os.link(rdb, workdir / "dump.rdb")
-    except OSError:
-        shutil.copyfile(rdb, workdir / "dump.rdb")
+    if rdb is not None:
+        try:
+            os.link(rdb, workdir / "dump.rdb")
+        except OSError:
+            shutil.copyfile(rdb, workdir / "dump.rdb")
     sock = workdir / "redis.sock"
-    (workdir / "redis.conf").write_text(
-        "port 0\n"
+    config = workdir / "redis.conf"
+    config.touch(mode=0o600)
+    config.write_text(
         f"unixsocket {sock}\nunixsocketperm 700\n"
         f"dir {workdir}\ndbfilename dump.rdb\n"
         'save ""\nappendonly no\ndaemonize no\n'
-        f"replicaof 127.0.0.1 {_closed_port()}\nreplica-read-only yes\n"
-        "databases 256\nlogfile redis.log\n")
-    proc = subprocess.Popen([_binary("redis-server", binary), str(workdir / "redis.conf")],
+        "databases 256\nlogfile redis.log\n" + conf)
+    proc = subprocess.Popen([_binary("redis-server", binary), str(config)],
                             cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
-    client = unix_client(sock, 0, timeout_s)
+    client = redis.Redis(unix_socket_path=str(sock), password=password, socket_timeout=timeout_s)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                log = (workdir / "redis.log")
+                log = workdir / "redis.log"
                 raise IntegrityError(
-                    f"redis-server could not load {rdb.name}: "
+                    "private redis-server stopped"
+                    + (f" loading {rdb.name}" if rdb else "") + ": "
                     f"{tail(log.read_text(errors='replace') if log.exists() else '')}"
                     f"{tail(proc.stderr.read() if proc.stderr else b'')}")
             try:
@@ -154,8 +154,7 @@ def scratch_server(rdb: Path, *, binary: str | None = None,
             except (redis.ConnectionError, redis.BusyLoadingError):
                 pass
             if time.monotonic() > deadline:
-                raise ToolError(f"redis-server did not finish loading {rdb.name} within "
-                                f"{timeout_s:.0f} s")
+                raise ToolError(f"private redis-server not ready within {timeout_s:.0f} s")
             time.sleep(0.05)
         yield sock
     finally:
@@ -166,6 +165,30 @@ def scratch_server(rdb: Path, *, binary: str | None = None,
         if proc.stderr:
             proc.stderr.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def scratch_server(rdb: Path, *, binary: str | None = None,
+                   timeout_s: float = 600) -> Iterator[Path]:
+    """A private redis-server on a unix socket loaded with ``rdb``; yields the socket's path
+    (connect with ``unix_client``).
+
+    It is a replica of a port nobody listens on, so it keeps keys whose TTL has passed (a
+    master drops them on load) and never expires anything while we read it."""
+    conf = f"port 0\nreplicaof 127.0.0.1 {_closed_port()}\nreplica-read-only yes\n"
+    with _private_server(conf, rdb, binary=binary, timeout_s=timeout_s) as sock:
+        yield sock
+
+
+@contextmanager
+def scratch_target(*, binary: str | None = None, timeout_s: float = 600
+                   ) -> Iterator[RedisServer]:
+    """An empty private redis-server on a loopback port with a generated password: a scratch
+    target for restore drills."""
+    password, port = secrets.token_urlsafe(24), _closed_port()
+    conf = f"port {port}\nbind 127.0.0.1\nrequirepass {password}\n"
+    with _private_server(conf, None, binary=binary, timeout_s=timeout_s, password=password):
+        yield RedisServer("127.0.0.1", port, password)
 
 
 def unix_client(sock: Path, db: int, timeout_s: float) -> redis.Redis:

@@ -218,9 +218,13 @@ class BackupRepository:
         raw = self.backend.read_bytes(f"{store}/{safe_key(partition_key)}/{TOMBSTONE}")
         return Tombstone.from_json(raw) if raw is not None else None
 
-    def latest_verified(self, store: str) -> BackupRecord | None:
-        verified = [r for r in self.list_backups(store) if r.verified]
-        return verified[-1] if verified else None
+    def latest_verified(self, store: str, at_or_before: datetime | None = None
+                        ) -> BackupRecord | None:
+        """The verified backup with the newest recovery point (its start), optionally the newest
+        one taken at or before ``at_or_before``."""
+        verified = [r for r in self.list_backups(store) if r.verified and (
+            at_or_before is None or r.manifest.started_at <= at_or_before)]
+        return max(verified, key=lambda r: r.manifest.started_at, default=None)
 
     def resolve(self, store: str, partition_key: str, *, require_verified: bool = True
                 ) -> BackupRecord:
