@@ -11,7 +11,9 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
@@ -31,6 +33,15 @@ def safe_key(key: str) -> str:
     return key.rstrip("/")
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """One stored file: its key (relative to the backend's root), size and modification time."""
+
+    key: str
+    size: int
+    mtime: datetime
+
+
 class Backend(Protocol):
     def open_write(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
     def open_read(self, key: str) -> BinaryIO: ...
@@ -41,6 +52,10 @@ class Backend(Protocol):
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def location(self, key: str) -> str: ...
+    def list_files(self, prefix: str, *, include_temporary: bool = False
+                   ) -> Iterator[FileInfo]: ...
+    def rename(self, source: str, target: str) -> None: ...
+    def delete_many(self, keys: Iterable[str]) -> None: ...
 
 
 class FilesystemBackend:
@@ -101,6 +116,41 @@ class FilesystemBackend:
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
+
+    def list_files(self, prefix: str, *, include_temporary: bool = False
+                   ) -> Iterator[FileInfo]:
+        """Every file under ``prefix`` (recursively, in key order) with its size and mtime.
+
+        Temporary files of unfinished writes are left out unless ``include_temporary`` (garbage
+        collection looks for stale ones)."""
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if TMP_MARKER in name and not include_temporary:
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # removed while we walked
+                    continue
+                yield FileInfo(path.relative_to(self.root).as_posix(), st.st_size,
+                               datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    def rename(self, source: str, target: str) -> None:
+        """Move ``source`` to ``target`` atomically, replacing it; durable once this returns."""
+        src, dst = self._path(source), self._path(target)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        _fsync_dir(dst.parent)
+        if src.parent != dst.parent:
+            _fsync_dir(src.parent)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -219,6 +269,53 @@ class S3Backend:
 
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def list_files(self, prefix: str, *, include_temporary: bool = False
+                   ) -> Iterator[FileInfo]:
+        """Every object under ``prefix`` (in key order) with its size and LastModified."""
+        full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                key = obj["Key"][strip:]
+                if TMP_MARKER in key.rsplit("/", 1)[-1] and not include_temporary:
+                    continue
+                yield FileInfo(key, int(obj["Size"]),
+                               obj["LastModified"].astimezone(timezone.utc))
+
+    def rename(self, source: str, target: str) -> None:
+        """Server-side copy (multipart for large objects), then delete the source."""
+        from boto3.s3.transfer import TransferConfig
+
+        self.client.copy({"Bucket": self.bucket, "Key": self._key(source)}, self.bucket,
+                         self._key(target),
+                         Config=TransferConfig(multipart_threshold=S3_PART_SIZE,
+                                               multipart_chunksize=S3_PART_SIZE,
+                                               use_threads=False))
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(source))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete in batches of 1000 (one request each); raise if the server refuses any."""
+        batch: list[dict[str, str]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            resp = self.client.delete_objects(Bucket=self.bucket,
+                                              Delete={"Objects": batch, "Quiet": True})
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise OSError(f"{self.location('')}: {len(errors)} deletions refused, e.g. "
+                              f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}")
+            batch.clear()
+
+        for key in keys:
+            batch.append({"Key": self._key(key)})
+            if len(batch) == 1000:
+                flush()
+        flush()
 
 
 def backend_from_url(url: str, *, s3_endpoint: str | None = None, s3_access_key: str | None = None,
