@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up rag-backup on a fresh Debian/Ubuntu machine with Python 3.11+. Idempotent: a second run
 # installs nothing that is already there.
-#   system packages: PostgreSQL server and client tools, Redis server and tools, zstd
+#   system packages: PostgreSQL server and client tools, Redis server and tools, zstd, chromium
 #   Python: a virtual environment in .venv with the project and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+# chromium: the test suite opens the Dagster UI in a real headless browser.
 APT_PACKAGES=(postgresql postgresql-contrib postgresql-client redis-server redis-tools zstd
-              python3-venv ca-certificates)
+              python3-venv ca-certificates chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
