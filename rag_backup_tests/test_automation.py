@@ -100,7 +100,8 @@ def test_catchup_requests_missing_due_partitions_with_idempotent_run_keys(repo, 
     instance = dg.DagsterInstance.ephemeral()
     resources = {"repository": BackupRepositoryResource(location=str(repo_dir)),
                  "automation": AutomationResource(catchup_window_hours=6)}
-    context = dg.build_sensor_context(instance=instance, resources=resources)
+    watching = json.dumps({"since": (now - timedelta(hours=7)).isoformat()})
+    context = dg.build_sensor_context(instance=instance, resources=resources, cursor=watching)
     requests = sensor(context)
     keys = sorted(r.partition_key for r in requests)
     due_now = now.minute >= 5  # the current hour's backup is due 5 minutes past the hour
@@ -120,6 +121,19 @@ def test_catchup_requests_missing_due_partitions_with_idempotent_run_keys(repo, 
                                       cursor=context.cursor)
     final = sensor(context)
     assert isinstance(final, dg.SkipReason) and "given up after 3 attempts" in final.skip_message
+
+
+def test_a_new_catchup_sensor_backs_up_the_latest_due_partition_not_the_past(repo_dir):
+    now = utcnow()
+    sensor = automation.build_catchup_sensor(redis_defs.POLICY)
+    context = dg.build_sensor_context(
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"repository": BackupRepositoryResource(location=str(repo_dir)),
+                   "automation": AutomationResource()})
+    [request] = sensor(context)
+    latest_due = now - timedelta(minutes=5)
+    assert request.partition_key == latest_due.strftime("%Y-%m-%d-%H:00")
+    assert json.loads(context.cursor)["since"] <= utcnow().isoformat()
 
 
 def test_catchup_never_reaches_beyond_retention():

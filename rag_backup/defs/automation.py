@@ -26,9 +26,11 @@ IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
 
 # -- catch-up ------------------------------------------------------------------------------
 
-def due_partitions(policy: StorePolicy, now: datetime, window: timedelta) -> list[str]:
-    """Partition keys whose scheduled backup should have happened, within ``window`` (and the
-    retention window) before ``now``."""
+def due_partitions(policy: StorePolicy, now: datetime, window: timedelta,
+                   since: datetime | None = None) -> list[str]:
+    """Partition keys whose scheduled backup should have happened by ``now``: within ``window``
+    (and the retention window) before ``now``, and due at or after ``since`` (when catch-up
+    started watching), except the latest due one, which is always included."""
     horizon = now - min(window, policy.retention - timedelta(hours=1))
     keys = policy.partitions_def.get_partition_keys(current_time=now)
     due = []
@@ -36,7 +38,8 @@ def due_partitions(policy: StorePolicy, now: datetime, window: timedelta) -> lis
         start = partition_start(key, TIMEZONE)
         if start < horizon:
             break
-        if start + policy.due_after <= now:
+        due_at = start + policy.due_after
+        if due_at <= now and (not due or since is None or due_at >= since):
             due.append(key)
     return sorted(due)
 
@@ -52,14 +55,17 @@ def build_catchup_sensor(policy: StorePolicy) -> dg.SensorDefinition:
                description=f"Requests {policy.store} backups for due partitions that have none "
                            "in the repository (the daemon was down, the store was unreachable, "
                            f"a run failed), at most {MAX_CATCHUP_ATTEMPTS} times each, within "
-                           "the catch-up window and never beyond retention.")
+                           "the catch-up window, never beyond retention, and never for "
+                           "partitions due before the sensor first ran (except the latest).")
     def catchup(context: dg.SensorEvaluationContext, repository: BackupRepositoryResource,
                 automation: AutomationResource):
-        attempts: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
         now = utcnow()
+        state = json.loads(context.cursor) if context.cursor else {"since": now.isoformat()}
+        attempts: dict[str, int] = state.get("attempts", {})
         present = set(repository.open().partitions(policy.store))
-        missing = [k for k in due_partitions(policy, now,
-                                             timedelta(hours=automation.catchup_window_hours))
+        window = timedelta(hours=automation.catchup_window_hours)
+        missing = [k for k in due_partitions(policy, now, window,
+                                             datetime.fromisoformat(state["since"]))
                    if k not in present]
         running = partitions_in_flight(context.instance, policy.job.name)
         requests, exhausted = [], []
@@ -74,7 +80,8 @@ def build_catchup_sensor(policy: StorePolicy) -> dg.SensorDefinition:
             requests.append(dg.RunRequest(
                 partition_key=key, run_key=f"{policy.store}-catchup-{key}-{tries}",
                 tags={"rag_backup/trigger": "catchup"}))
-        context.update_cursor(json.dumps({k: v for k, v in attempts.items() if k in missing}))
+        state["attempts"] = {k: v for k, v in attempts.items() if k in missing}
+        context.update_cursor(json.dumps(state))
         if requests:
             return requests
         reason = (f"{len(missing)} partition(s) without a backup: "
