@@ -7,8 +7,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from rag_backup.errors import (
 )
 from rag_backup.repository import BackupRepository, Verification
 from rag_backup.repository.manifest import utcnow
+from rag_backup_tests.killing import kill_backup_while_writing
 
 HOUR = utcnow().strftime("%Y-%m-%d-%H:00")
 TEST_DBS = (10, 11)
@@ -249,27 +248,9 @@ def test_a_killed_backup_leaves_the_previous_backup_intact(rs, repo, repo_dir):
             pipe.set(f"blob:{i}", os.urandom(2_000_000))
         pipe.execute()
         _, first = take_backup(repo, rs)
-        script = textwrap.dedent(f"""
-            import os
-            from rag_backup.engines import redis as engine
-            from rag_backup.repository import BackupRepository, FilesystemBackend
-            repo = BackupRepository(FilesystemBackend({str(repo_dir)!r}))
-            rs = engine.RedisServer({rs.host!r}, {rs.port}, os.environ["RPW"])
-            with repo.begin("redis", {HOUR!r}, "doomed") as pending:
-                out = engine.backup(rs, pending)
-                pending.commit(fingerprint=out.fingerprint, tool_versions=out.tool_versions,
-                               server_version=out.server_version)
-        """)
-        child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                                 env={**os.environ, "RPW": rs.password})
-        partition = repo_dir / "redis" / HOUR
-        deadline = time.monotonic() + 120
-        while not any(".tmp-" in p.name for p in partition.rglob("*")):
-            assert child.poll() is None, "the backup finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        kill_backup_while_writing(
+            store="redis", repo_dir=repo_dir, partition=HOUR, password=rs.password,
+            server=f"engine.RedisServer({rs.host!r}, {rs.port}, os.environ['PW'])")
         after = repo.get("redis", HOUR)
         assert after.backup_id == first.backup_id and after.verified
         engine.verify(repo, after)
