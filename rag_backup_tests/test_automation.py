@@ -194,5 +194,5 @@ def test_schedules_name_their_partitions_and_run_by_default():
     [request] = list(redis_schedule.evaluate_tick(context).run_requests)
     assert request.partition_key == utcnow().strftime("%Y-%m-%d-%H:00")
     sensors = {s.name for s in defs.sensors}
-    assert {"postgres_catchup_sensor", "redis_catchup_sensor", "rpo_sensor",
-            "run_failure_alert_sensor"} <= sensors
+    assert {"postgres_catchup_sensor", "redis_catchup_sensor", "minio_catchup_sensor",
+            "rpo_sensor", "run_failure_alert_sensor"} <= sensors

@@ -4,11 +4,13 @@ Secrets arrive through ``dg.EnvVar`` and are never shown in the UI, logs or meta
 
 
 import os
+from datetime import timedelta
 
 import dagster as dg
 from pydantic import Field
 
 from rag_backup.alerts import Notifier, SmtpChannel, WebhookChannel
+from rag_backup.engines.minio import S3Endpoint
 from rag_backup.engines.postgres import PostgresServer
 from rag_backup.engines.redis import RedisServer
 from rag_backup.repository import BackupRepository, backend_from_url
@@ -70,6 +72,33 @@ class RedisResource(dg.ConfigurableResource):
 
     def server(self) -> RedisServer:
         return RedisServer(self.host, self.port, self.password, self.username)
+
+
+class MinioResource(dg.ConfigurableResource):
+    """The MinIO (S3) server whose buckets are backed up, and the default restore target."""
+
+    endpoint: str = Field(description="S3 endpoint URL of MinIO, e.g. http://minio:9000 "
+                                      "(RAG_S3_ENDPOINT)")
+    access_key: str = Field(description="Access key (from the environment: RAG_S3_ACCESS_KEY)")
+    secret_key: str = Field(description="Secret key (from the environment: RAG_S3_SECRET_KEY)")
+    region: str = Field(default="us-east-1", description="S3 region (RAG_S3_REGION)")
+    buckets: str = Field(default="documents,models", description="Comma-separated buckets to "
+                         "back up (RAG_MINIO_BUCKETS); never the bucket holding the backup "
+                         "repository.")
+    workers: int = Field(default=8, description="Parallel object transfers.")
+    gc_grace_hours: int = Field(default=48, description="Unreferenced blobs younger than this "
+                                "are never collected; must exceed the longest backup.")
+
+    def s3(self, workers: int | None = None) -> S3Endpoint:
+        return S3Endpoint(self.endpoint, self.access_key, self.secret_key, self.region,
+                                 max_connections=max(10, 2 * (workers or self.workers)))
+
+    def bucket_list(self) -> list[str]:
+        return [b.strip() for b in self.buckets.split(",") if b.strip()]
+
+    @property
+    def gc_grace(self) -> timedelta:
+        return timedelta(hours=self.gc_grace_hours)
 
 
 class AlertResource(dg.ConfigurableResource):
@@ -134,6 +163,13 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             user=dg.EnvVar("RAG_PG_USER"),
             password=optional_env("RAG_PG_PASSWORD") or "",
             databases=optional_env("RAG_PG_DATABASES") or "",
+        ),
+        "minio": MinioResource(
+            endpoint=dg.EnvVar("RAG_S3_ENDPOINT"),
+            access_key=dg.EnvVar("RAG_S3_ACCESS_KEY"),
+            secret_key=dg.EnvVar("RAG_S3_SECRET_KEY"),
+            region=optional_env("RAG_S3_REGION") or "us-east-1",
+            buckets=optional_env("RAG_MINIO_BUCKETS") or "documents,models",
         ),
         "redis": RedisResource(
             host=dg.EnvVar("RAG_REDIS_HOST"),

@@ -1,0 +1,624 @@
+"""MinIO end to end against the stack's S3 server (moto over real HTTP): engine, assets, restore.
+
+Every test works in its own buckets (uuid names); objects are compared with plain boto3 calls
+(listing, GET, HEAD), independent of the engine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import boto3
+import dagster as dg
+import pytest
+from botocore.config import Config
+
+from rag_backup.defs import minio as minio_defs
+from rag_backup.defs.resources import BackupRepositoryResource, MinioResource
+from rag_backup.engines import minio as engine
+from rag_backup.errors import (
+    ConfirmationRequired,
+    CredentialsRejected,
+    IntegrityError,
+    InvalidRequest,
+    StoreUnreachable,
+)
+from rag_backup.repository import BackupRepository, S3Backend, Verification
+from rag_backup.repository.manifest import utcnow
+from rag_backup_tests.killing import kill_backup_while_writing
+
+TODAY = utcnow().strftime("%Y-%m-%d")
+YESTERDAY = (utcnow() - timedelta(days=1)).strftime("%Y-%m-%d")
+WINDOW = timedelta(days=14)
+MB = 1024 * 1024
+HEADERS = ("CacheControl", "ContentDisposition", "ContentEncoding", "ContentLanguage")
+UNSAFE_KEYS = ("a b c.txt", "ünïcødé/फ़ाइल.pdf", "../escape", "../../../../tmp/escape",
+               "/leading", "a/../b", "a//b", "./x", "..", "dir/", "%2F.txt", "q?x=1#h",
+               "tab\tkey", "+plus", "objectstore/blobs/00/not-a-blob", "minio/manifest.json")
+
+
+@pytest.fixture(scope="session")
+def s3(stack_env) -> engine.S3Endpoint:
+    return engine.S3Endpoint(stack_env["RAG_S3_ENDPOINT"], stack_env["RAG_S3_ACCESS_KEY"],
+                             stack_env["RAG_S3_SECRET_KEY"], stack_env["RAG_S3_REGION"])
+
+
+@pytest.fixture(scope="session")
+def client(stack_env):
+    """A plain boto3 client: the independent side of every comparison."""
+    return boto3.client("s3", endpoint_url=stack_env["RAG_S3_ENDPOINT"],
+                        aws_access_key_id=stack_env["RAG_S3_ACCESS_KEY"],
+                        aws_secret_access_key=stack_env["RAG_S3_SECRET_KEY"],
+                        region_name=stack_env["RAG_S3_REGION"],
+                        config=Config(s3={"addressing_style": "path"},
+                                      max_pool_connections=16))
+
+
+def empty_bucket(client, bucket: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
+@pytest.fixture
+def new_bucket(client):
+    """Make fresh uuid-named buckets (``new_bucket()``); they are removed afterwards. A name
+    from ``new_bucket(create=False)`` is only removed if something created it."""
+    made: list[str] = []
+
+    def make(create: bool = True) -> str:
+        name = f"t-{uuid.uuid4().hex[:16]}"
+        if create:
+            client.create_bucket(Bucket=name)
+        made.append(name)
+        return name
+
+    yield make
+    existing = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    for name in made:
+        if name in existing:
+            empty_bucket(client, name)
+            client.delete_bucket(Bucket=name)
+
+
+def put(client, bucket: str, key: str, body: bytes, content_type: str = "application/pdf",
+        metadata: dict[str, str] | None = None, **extra) -> None:
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
+                      Metadata=metadata or {}, **extra)
+
+
+def bucket_state(client, bucket: str, prefix: str = "") -> dict[str, tuple]:
+    """Every object: sha256 and length of its bytes (GET), content type, user metadata and
+    the other PUT headers (HEAD), found by listing."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            head = client.head_object(Bucket=bucket, Key=obj["Key"])
+            out[obj["Key"]] = (hashlib.sha256(body).hexdigest(), len(body), head["ContentType"],
+                               head["Metadata"], {h: head.get(h) for h in HEADERS})
+    return out
+
+
+def fill_varied(client, bucket: str) -> None:
+    """Sizes from empty to a multipart upload, content types, metadata, other headers."""
+    put(client, bucket, "raw/empty.txt", b"", "text/plain")
+    put(client, bucket, "raw/100001.html", "<p>प्रधानमंत्री किसान</p>".encode(), "text/html",
+        {"source": "agriwelfare.gov.in", "lang": "hi"})
+    put(client, bucket, "processed/100001.json", b'{"id": 100001}', "application/json",
+        {"doc-id": "100001"}, CacheControl="max-age=60", ContentLanguage="hi",
+        ContentDisposition='attachment; filename="100001.json"')
+    put(client, bucket, "processed/notes.txt.gz", gzip.compress(b"notes " * 1000), "text/plain",
+        ContentEncoding="gzip")
+    put(client, bucket, "images/scan.png", os.urandom(300_000), "image/png", {"w": "640"})
+    put(client, bucket, "models/large.bin", os.urandom(9 * MB), "application/octet-stream",
+        {"model": "ministry-qa-v1"})
+    upload = client.create_multipart_upload(Bucket=bucket, Key="models/multipart.bin",
+                                            ContentType="application/x-safetensors",
+                                            Metadata={"parts": "2"})
+    parts = []
+    for number, data in enumerate((os.urandom(5 * MB), os.urandom(MB)), start=1):
+        resp = client.upload_part(Bucket=bucket, Key="models/multipart.bin", PartNumber=number,
+                                  UploadId=upload["UploadId"], Body=data)
+        parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+    client.complete_multipart_upload(Bucket=bucket, Key="models/multipart.bin",
+                                     UploadId=upload["UploadId"],
+                                     MultipartUpload={"Parts": parts})
+
+
+def take(repo: BackupRepository, s3: engine.S3Endpoint, buckets: list[str],
+         partition: str = TODAY, verify: bool = True, **kwargs) -> engine.BackupOutcome:
+    with repo.begin("minio", partition, "test") as pending:
+        outcome = engine.backup(s3, pending, buckets, window=WINDOW, **kwargs)
+        pending.commit(fingerprint=outcome.fingerprint, tool_versions=outcome.tool_versions,
+                       server_version=outcome.server_version)
+    if verify:
+        record = repo.get("minio", partition)
+        checks = engine.verify(repo, record)
+        repo.record_verification("minio", partition,
+                                 Verification(record.backup_id, True, utcnow(), "t", checks))
+    return outcome
+
+
+def blob_files(repo_dir: Path) -> dict[str, Path]:
+    root = repo_dir / "objectstore" / "blobs"
+    return {p.name: p for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+
+
+def referenced(repo: BackupRepository) -> set[str]:
+    return engine.referenced_blobs(repo)[1]
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+def test_round_trip_in_place_and_into_a_new_bucket_keeps_bytes_and_metadata(
+        client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    fill_varied(client, bucket)
+    before = bucket_state(client, bucket)
+    outcome = take(repo, s3, [bucket])
+    assert outcome.objects == len(before) == 7
+    assert outcome.bytes == sum(v[1] for v in before.values())
+    assert outcome.fingerprint["buckets"][bucket] == {"objects": 7, "bytes": outcome.bytes}
+    assert outcome.objects_copied == 7 and outcome.objects_reused == 0
+
+    empty_bucket(client, bucket)
+    record = repo.resolve("minio", "latest")
+    report = engine.restore(repo, record, s3)
+    [b] = report.buckets
+    assert (b.in_snapshot, b.restored, b.skipped_identical, b.removed) == (7, 7, 0, 0)
+    assert report.matches_snapshot
+    assert bucket_state(client, bucket) == before
+
+    scratch = new_bucket(create=False)
+    report = engine.restore(repo, record, s3, buckets=[bucket], target_bucket=scratch)
+    assert report.buckets[0].restored == 7
+    assert bucket_state(client, scratch) == before
+    again = engine.restore(repo, record, s3, buckets=[bucket], target_bucket=scratch)
+    assert again.buckets[0].skipped_identical == 7 and again.buckets[0].restored == 0
+
+
+def test_an_object_deleted_or_overwritten_after_day_one_is_restorable_from_day_one(
+        client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    for i in range(10):
+        put(client, bucket, f"doc/{i}.pdf", f"version 1 of {i}".encode(), metadata={"v": "1"})
+    day1 = bucket_state(client, bucket)
+    take(repo, s3, [bucket], YESTERDAY)
+    client.delete_object(Bucket=bucket, Key="doc/3.pdf")
+    put(client, bucket, "doc/4.pdf", b"overwritten by mistake", metadata={"v": "2"})
+    day2 = bucket_state(client, bucket)
+    take(repo, s3, [bucket], TODAY)
+
+    first = new_bucket(create=False)
+    engine.restore(repo, repo.resolve("minio", YESTERDAY), s3, target_bucket=first)
+    assert bucket_state(client, first) == day1
+    second = new_bucket(create=False)
+    engine.restore(repo, repo.resolve("minio", TODAY), s3, target_bucket=second)
+    assert bucket_state(client, second) == day2
+    assert "doc/3.pdf" not in day2 and day1["doc/3.pdf"][0] == hashlib.sha256(
+        b"version 1 of 3").hexdigest()
+
+
+def test_the_next_backup_copies_only_what_changed(client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    for i in range(200):
+        put(client, bucket, f"obj/{i:04d}", f"content {i} ".encode() * (i + 1))
+    first = take(repo, s3, [bucket], YESTERDAY)
+    assert (first.objects_copied, first.objects_reused) == (200, 0)
+
+    changed = {"obj/0007": b"changed seven", "obj/0150": b"changed one hundred fifty!"}
+    for key, body in changed.items():
+        put(client, bucket, key, body)
+    second = take(repo, s3, [bucket], TODAY)
+    assert second.reuse_source == YESTERDAY
+    assert (second.objects, second.objects_copied, second.objects_reused) == (200, 2, 198)
+    assert second.bytes_copied == sum(len(b) for b in changed.values())
+    assert second.fingerprint["transfer"]["objects_copied"] == 2
+
+    # A metadata-only change (copy in place) keeps the etag: no download, but a fresh HEAD.
+    time.sleep(1.1)  # S3's Last-Modified has one-second resolution
+    client.copy_object(Bucket=bucket, Key="obj/0001", CopySource={"Bucket": bucket,
+                       "Key": "obj/0001"}, MetadataDirective="REPLACE",
+                       ContentType="text/markdown", Metadata={"reviewed": "yes"})
+    third = take(repo, s3, [bucket], TODAY)
+    assert (third.objects_copied, third.objects_reused) == (0, 200)
+    [entry] = [e for e in engine.read_snapshot(repo, repo.get("minio", TODAY), bucket)
+               if e.key == "obj/0001"]
+    assert entry.content_type == "text/markdown" and entry.metadata == {"reviewed": "yes"}
+
+
+def test_unsafe_keys_round_trip_and_never_become_paths(client, s3, repo, repo_dir, new_bucket,
+                                                       tmp_path):
+    bucket = new_bucket()
+    for i, key in enumerate(UNSAFE_KEYS):
+        put(client, bucket, key, f"body {i} of {key!r}".encode(), metadata={"n": str(i)})
+    before = bucket_state(client, bucket)
+    assert set(before) == set(UNSAFE_KEYS)
+    outcome = take(repo, s3, [bucket])
+    assert outcome.objects == len(UNSAFE_KEYS)
+
+    for path in repo_dir.rglob("*"):
+        rel = path.relative_to(repo_dir).as_posix()
+        assert rel.startswith(("minio", "objectstore")), rel
+        if path.is_file() and rel.startswith("objectstore/"):
+            assert engine.blob_sha(rel) is not None, rel
+    assert not (tmp_path / "escape").exists() and not Path("/tmp/escape").exists()
+
+    target = new_bucket(create=False)
+    report = engine.restore(repo, repo.get("minio", TODAY), s3, target_bucket=target)
+    assert report.matches_snapshot
+    assert bucket_state(client, target) == before
+
+
+def test_restore_a_prefix_and_removal_needs_the_bucket_name(client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    for i in range(6):
+        put(client, bucket, f"{'raw' if i % 2 else 'processed'}/{i}.txt", f"{i}".encode())
+    snapshot = bucket_state(client, bucket)
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+
+    scratch = new_bucket(create=False)
+    report = engine.restore(repo, record, s3, target_bucket=scratch, prefix="raw/")
+    assert report.buckets[0].in_snapshot == report.buckets[0].restored == 3
+    assert set(bucket_state(client, scratch)) == {"raw/1.txt", "raw/3.txt", "raw/5.txt"}
+
+    put(client, bucket, "raw/added-later.txt", b"not in the snapshot")
+    client.delete_object(Bucket=bucket, Key="processed/0.txt")
+    for confirm in ("", "yes", "documents"):
+        with pytest.raises(ConfirmationRequired, match=f"set confirm to '{bucket}'"):
+            engine.restore(repo, record, s3, remove_extra=True, confirm=confirm)
+    assert "raw/added-later.txt" in bucket_state(client, bucket, "raw/")
+    assert "processed/0.txt" not in bucket_state(client, bucket, "processed/")
+
+    kept = engine.restore(repo, record, s3)
+    assert (kept.buckets[0].restored, kept.buckets[0].skipped_identical,
+            kept.buckets[0].removed) == (1, 5, 0)
+    removed = engine.restore(repo, record, s3, remove_extra=True, confirm=bucket)
+    assert (removed.buckets[0].restored, removed.buckets[0].skipped_identical,
+            removed.buckets[0].removed) == (0, 6, 1)
+    assert bucket_state(client, bucket) == snapshot
+
+
+# -- verification and corruption -----------------------------------------------------------
+
+def test_a_corrupt_or_missing_blob_is_caught_and_healed_by_the_next_backup(
+        client, s3, repo, repo_dir, new_bucket):
+    bucket = new_bucket()
+    for i in range(20):
+        put(client, bucket, f"doc/{i}", os.urandom(1000 + i))
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    entry = next(e for e in engine.read_snapshot(repo, record, bucket) if e.key == "doc/7")
+    blob = blob_files(repo_dir)[entry.sha256]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    blob.write_bytes(bytes(data))
+
+    with pytest.raises(IntegrityError, match=rf"corrupt.*{bucket}/doc/7.*minio_backup"):
+        engine.verify(repo, record)
+    target = new_bucket(create=False)
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        engine.restore(repo, record, s3, target_bucket=target, prefix="doc/7")
+    assert bucket_state(client, target) == {}
+
+    blob.unlink()
+    with pytest.raises(IntegrityError, match=rf"missing.*{bucket}/doc/7"):
+        engine.verify(repo, record)
+    healed = take(repo, s3, [bucket])
+    assert (healed.objects_copied, healed.objects_reused) == (1, 19)
+    assert blob.exists()
+
+
+def test_large_repositories_rehash_a_rotating_share_covering_every_blob(
+        client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    for i in range(40):
+        put(client, bucket, f"doc/{i}", f"document {i}".encode())
+    take(repo, s3, [bucket], verify=False)
+    record = repo.get("minio", TODAY)
+    shas = {e.sha256 for e in engine.read_snapshot(repo, record, bucket)}
+    checks = engine.verify(repo, record, full_max_bytes=0, rotation_days=4)
+    slot = engine._rotation_slot(TODAY, 4)
+    assert checks["blobs_rehashed"] == sum(engine._in_slot(s, 4, slot) for s in shas) < 40
+    assert checks["rotation_days"] == 4 and "within 4 days" in checks["rehash_coverage"]
+    days = [(utcnow() - timedelta(days=d)).strftime("%Y-%m-%d") for d in range(4)]
+    covered = {s for d in days for s in shas if engine._in_slot(s, 4, engine._rotation_slot(d, 4))}
+    assert covered == shas
+    assert engine.verify(repo, record)["blobs_rehashed"] == 40
+
+
+# -- retention and garbage collection ------------------------------------------------------
+
+def age(paths, days: float) -> None:
+    stamp = time.time() - days * 86400
+    for path in paths:
+        os.utime(path, (stamp, stamp))
+
+
+def test_garbage_collection_keeps_every_referenced_blob_and_removes_the_rest(
+        client, s3, repo, repo_dir, new_bucket):
+    bucket = new_bucket()
+    for i in range(10):
+        put(client, bucket, f"doc/{i}", f"day one {i}".encode())
+    take(repo, s3, [bucket], YESTERDAY)
+    client.delete_object(Bucket=bucket, Key="doc/1")
+    put(client, bucket, "doc/2", b"day two version")
+    put(client, bucket, "doc/10", b"new on day two")
+    take(repo, s3, [bucket], TODAY)
+    assert len(blob_files(repo_dir)) == 12
+    age(blob_files(repo_dir).values(), 3)
+    assert engine.collect_garbage(repo).blobs_deleted == 0  # both snapshots reference all
+
+    stale_tmp = repo_dir / "objectstore" / "tmp" / "crashed-backup"
+    stale_tmp.parent.mkdir(parents=True)
+    stale_tmp.write_bytes(b"partial")
+    age([stale_tmp], 3)
+    stranger = repo_dir / "objectstore" / "blobs" / "zz" / "README"
+    stranger.parent.mkdir()
+    stranger.write_text("not ours")
+    repo.delete("minio", YESTERDAY, "test: day one expired")
+    dry = engine.collect_garbage(repo, dry_run=True)
+    assert dry.blobs_deleted == 2 and len(blob_files(repo_dir)) == 12 + 1
+
+    report = engine.collect_garbage(repo)
+    assert (report.blobs_deleted, report.temporaries_deleted, report.unknown_files) == (2, 1, 1)
+    remaining = {name for name in blob_files(repo_dir) if name != "README"}
+    assert remaining == referenced(repo) and len(remaining) == 10
+    assert stranger.exists() and not stale_tmp.exists()
+    engine.verify(repo, repo.get("minio", TODAY))
+    target = new_bucket(create=False)
+    engine.restore(repo, repo.get("minio", TODAY), s3, target_bucket=target)
+    assert bucket_state(client, target) == bucket_state(client, bucket)
+
+
+def test_garbage_collection_spares_the_blobs_of_a_backup_still_running(
+        client, s3, repo, repo_dir, new_bucket):
+    """Content that reappears (an object deleted, then uploaded again) has a blob already,
+    old and unreferenced once its snapshot expired: the backup rewrites it, so a collection
+    running before that backup commits finds it young and keeps it."""
+    bucket = new_bucket()
+    put(client, bucket, "a", b"kept all along")
+    put(client, bucket, "b", b"deleted, then uploaded again")
+    take(repo, s3, [bucket], YESTERDAY)
+    client.delete_object(Bucket=bucket, Key="b")
+    take(repo, s3, [bucket], TODAY)
+    repo.delete("minio", YESTERDAY, "test: expired")
+    age(blob_files(repo_dir).values(), 10)
+    put(client, bucket, "b", b"deleted, then uploaded again")
+
+    with repo.begin("minio", TODAY, "running") as pending:
+        outcome = engine.backup(s3, pending, [bucket], window=WINDOW)
+        collected = engine.collect_garbage(repo)  # at the same time, before the commit
+        assert collected.blobs_deleted == 0 and collected.blobs_kept_in_grace == 1
+        pending.commit(fingerprint=outcome.fingerprint, tool_versions=outcome.tool_versions,
+                       server_version=outcome.server_version)
+    assert (outcome.objects_copied, outcome.objects_reused) == (1, 1)
+    engine.verify(repo, repo.get("minio", TODAY))
+
+
+def test_snapshots_near_the_end_of_the_window_are_not_reused(client, s3, repo, new_bucket):
+    """Retention could delete such a snapshot (and collect its blobs) during the backup."""
+    bucket = new_bucket()
+    put(client, bucket, "x", b"x")
+    old = (utcnow() - timedelta(days=13)).strftime("%Y-%m-%d")
+    take(repo, s3, [bucket], old, verify=False)
+    outcome = take(repo, s3, [bucket], TODAY, verify=False)
+    assert outcome.reuse_source is None and outcome.objects_copied == 1
+
+
+def test_garbage_collection_deletes_nothing_when_a_snapshot_is_unreadable(
+        client, s3, repo, repo_dir, new_bucket):
+    bucket = new_bucket()
+    put(client, bucket, "a", b"a")
+    take(repo, s3, [bucket], YESTERDAY)
+    put(client, bucket, "a", b"a2")
+    take(repo, s3, [bucket], TODAY)
+    age(blob_files(repo_dir).values(), 10)
+    record = repo.get("minio", TODAY)
+    snapshot = Path(record.location) / engine.snapshot_name(bucket)
+    snapshot.write_bytes(snapshot.read_bytes()[:-5])
+    repo.delete("minio", YESTERDAY, "test")
+    with pytest.raises(IntegrityError, match=f"refused, nothing deleted.*{TODAY}"):
+        engine.collect_garbage(repo)
+    assert len(blob_files(repo_dir)) == 2
+
+
+def test_a_killed_backup_leaves_the_previous_snapshot_intact_and_no_debris_after_gc(
+        client, s3, repo, repo_dir, new_bucket, monkeypatch):
+    bucket = new_bucket()
+
+    def fill(version: int) -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: put(client, bucket, f"doc/{i:04d}",
+                                        f"v{version} {i} ".encode() * 2000), range(400)))
+
+    fill(1)
+    take(repo, s3, [bucket])
+    first = repo.get("minio", TODAY)
+    fill(2)  # the doomed run has 400 objects to download
+    monkeypatch.setenv("RAG_S3_ACCESS_KEY", s3.access_key)
+    kill_backup_while_writing(
+        store="minio", repo_dir=repo_dir, partition=TODAY, password=s3.secret_key,
+        server=f"engine.S3Endpoint({s3.url!r}, os.environ['RAG_S3_ACCESS_KEY'], "
+               f"os.environ['PW'], {s3.region!r})",
+        backup_args=f", [{bucket!r}], window=__import__('datetime').timedelta(days=14)")
+    after = repo.get("minio", TODAY)
+    assert after.backup_id == first.backup_id and after.verified
+    engine.verify(repo, after)
+
+    second = take(repo, s3, [bucket])
+    assert second.objects_copied == 400
+    engine.collect_garbage(repo, grace=timedelta(0))
+    assert set(blob_files(repo_dir)) == referenced(repo)
+    assert [p for p in repo_dir.rglob("*") if ".tmp-" in p.name] == []
+    assert list(repo.backend.list_files(engine.TMP_PREFIX, include_temporary=True)) == []
+
+
+# -- an S3 repository, and refusals ----------------------------------------------------------
+
+def test_repository_on_s3_and_its_bucket_is_never_backed_up_or_restored_into(
+        client, s3, new_bucket):
+    holder, source = new_bucket(), new_bucket()
+    repo = BackupRepository(S3Backend(client, holder, prefix="rag-backup"))
+    put(client, source, "big/model.bin", os.urandom(17 * MB), "application/octet-stream",
+        {"k": "v"})
+    put(client, source, "small.txt", b"small", "text/plain")
+    before = bucket_state(client, source)
+    take(repo, s3, [source], YESTERDAY)
+    put(client, source, "small.txt", b"small, changed", "text/plain")
+    take(repo, s3, [source], TODAY)
+    blobs = list(repo.backend.list_files(engine.BLOB_PREFIX))
+    assert len(blobs) == 3 and all(engine.blob_sha(b.key) for b in blobs)
+    assert list(repo.backend.list_files(engine.TMP_PREFIX)) == []
+
+    with pytest.raises(InvalidRequest, match=f"{holder}.*holds the backup repository"), \
+            repo.begin("minio", TODAY, "t") as pending:
+        engine.backup(s3, pending, [source, holder], window=WINDOW)
+    with pytest.raises(InvalidRequest, match="holds the backup repository"):
+        engine.restore(repo, repo.get("minio", TODAY), s3, target_bucket=holder)
+
+    target = new_bucket(create=False)
+    engine.restore(repo, repo.get("minio", YESTERDAY), s3, target_bucket=target)
+    assert bucket_state(client, target) == before
+    repo.delete("minio", YESTERDAY, "test")
+    report = engine.collect_garbage(repo, grace=timedelta(0))
+    assert report.blobs_deleted == 1
+    assert {engine.blob_sha(b.key) for b in repo.backend.list_files(engine.BLOB_PREFIX)} \
+        == referenced(repo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def strict_s3():
+    """A second S3 server that, unlike the stack's, checks credentials (it knows none)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    yield url
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_wrong_credentials_unreachable_server_and_missing_bucket_are_clear(
+        s3, repo, strict_s3, new_bucket):
+    secret = "wrong-secret-" + uuid.uuid4().hex
+    wrong = engine.S3Endpoint(strict_s3, "AKIAWRONGKEY", secret)
+    with pytest.raises(CredentialsRejected, match="RAG_S3_ACCESS_KEY") as refused, \
+            repo.begin("minio", TODAY, "t") as pending:
+        engine.backup(wrong, pending, ["documents"], window=WINDOW)
+    assert secret not in str(refused.value) and secret not in repr(wrong)
+
+    gone = engine.S3Endpoint(f"http://127.0.0.1:{free_port()}", "k", secret, max_attempts=1,
+                             connect_timeout_s=2)
+    with pytest.raises(StoreUnreachable, match=f"{gone.url}.* is unreachable") as unreachable, \
+            repo.begin("minio", TODAY, "t") as pending:
+        engine.backup(gone, pending, ["documents"], window=WINDOW)
+    assert secret not in str(unreachable.value)
+
+    missing = new_bucket(create=False)
+    with pytest.raises(InvalidRequest, match=f"{missing}.*does not exist"), \
+            repo.begin("minio", TODAY, "t") as pending:
+        engine.backup(s3, pending, [missing], window=WINDOW)
+    assert repo.get("minio", TODAY) is None
+    assert repo.backend.list_children(f"minio/{TODAY}") == []
+
+
+# -- through Dagster -----------------------------------------------------------------------
+
+def resources(s3: engine.S3Endpoint, repo_dir: Path, buckets: list[str]) -> dict:
+    return {"repository": BackupRepositoryResource(location=str(repo_dir)),
+            "minio": MinioResource(endpoint=s3.url, access_key=s3.access_key,
+                                              secret_key=s3.secret_key, region=s3.region,
+                                              buckets=",".join(buckets))}
+
+
+def test_assets_and_restore_job(client, s3, repo, repo_dir, new_bucket, stack_env):
+    docs, models = new_bucket(), new_bucket()
+    fill_varied(client, docs)
+    put(client, models, "base/config.json", b'{"dim": 384}', "application/json")
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [minio_defs.minio_backup, minio_defs.minio_backup_verified, minio_defs.minio_retention],
+        partition_key=TODAY, instance=instance,
+        resources=resources(s3, repo_dir, [docs, models]))
+    assert result.success
+    [mat] = result.asset_materializations_for_node("minio_backup")
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert meta["objects"] == 8 and meta["objects_copied"] == 8 and meta["objects_reused"] == 0
+    assert meta["bytes"] == meta["bytes_copied"] > 15 * MB and meta["duration_s"] > 0
+    assert repo.get("minio", TODAY).verified
+    [verified] = result.asset_materializations_for_node("minio_backup_verified")
+    assert verified.metadata["blobs_rehashed"].value == 8
+    [retained] = result.asset_materializations_for_node("minio_retention")
+    assert retained.metadata["blobs_collected"].value == 0
+    assert retained.metadata["backups_kept"].value == 1
+    for value in (*mat.metadata.values(), *retained.metadata.values()):
+        assert stack_env["RAG_S3_SECRET_KEY"] not in str(value.value)
+    assert stack_env["RAG_S3_SECRET_KEY"].encode() not in (
+        repo_dir / "minio" / TODAY / "manifest.json").read_bytes()
+
+    before = bucket_state(client, docs)
+    empty_bucket(client, docs)
+    target = new_bucket(create=False)
+    config = minio_defs.RestoreMinioConfig(buckets=[docs])
+    run = minio_defs.restore_minio_job.execute_in_process(
+        run_config=dg.RunConfig(ops={"restore_minio": config}),
+        resources=resources(s3, repo_dir, [docs, models]), instance=instance)
+    assert run.success
+    out = run.output_for_node("restore_minio")
+    assert out["matches_snapshot"] and out["buckets"][docs]["restored"] == 7
+    assert bucket_state(client, docs) == before
+
+    config = minio_defs.RestoreMinioConfig(buckets=[models], target_bucket=target)
+    run = minio_defs.restore_minio_job.execute_in_process(
+        run_config=dg.RunConfig(ops={"restore_minio": config}),
+        resources=resources(s3, repo_dir, [docs, models]), instance=instance)
+    assert run.success and run.output_for_node("restore_minio")["buckets"][models] == {
+        "target": target, "in_snapshot": 1, "restored": 1, "skipped_identical": 0,
+        "removed": 0, "bytes_restored": 12, "missing_after": 0}
+
+    refused = minio_defs.restore_minio_job.execute_in_process(
+        run_config=dg.RunConfig(ops={"restore_minio": minio_defs.RestoreMinioConfig(
+            buckets=[docs], remove_extra=True)}),
+        resources=resources(s3, repo_dir, [docs, models]), instance=instance,
+        raise_on_error=False)
+    assert not refused.success
+    assert f"set confirm to '{docs}'" in str(refused.failure_data_for_node("restore_minio").error)
+
+    fields = (minio_defs.restore_minio_job.graph.node_named("restore_minio").definition
+              .config_schema.config_type.fields)
+    assert all(field.description for field in fields.values())
