@@ -8,10 +8,17 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from rag_backup.defs import minio as minio_defs
 from rag_backup.defs import postgres as pg_defs
 from rag_backup.defs import recovery
 from rag_backup.defs import redis as redis_defs
-from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource, RedisResource
+from rag_backup.defs.resources import (
+    BackupRepositoryResource,
+    MinioResource,
+    PostgresResource,
+    RedisResource,
+)
+from rag_backup.repository import BackupRepository, FilesystemBackend
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests import pgutil
 
@@ -19,24 +26,53 @@ DAY = utcnow().strftime("%Y-%m-%d")
 HOUR = utcnow().strftime("%Y-%m-%d-%H:00")
 
 
+@pytest.fixture(scope="module")
+def shared_repo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("recovery-repository")
+
+
 @pytest.fixture
-def resources(pg, stack_env, repo_dir):
+def repo(shared_repo_dir):
+    return BackupRepository(FilesystemBackend(shared_repo_dir))
+
+
+@pytest.fixture(scope="module")
+def resources(pg, stack_env, shared_repo_dir):
     return {
-        "repository": BackupRepositoryResource(location=str(repo_dir)),
+        "repository": BackupRepositoryResource(location=str(shared_repo_dir)),
         "postgres": PostgresResource(host=pg.host, port=pg.port, user=pg.user,
                                      password=pg.password, databases="ragqa"),
         "redis": RedisResource(host=stack_env["RAG_REDIS_HOST"],
                                port=int(stack_env["RAG_REDIS_PORT"]),
                                password=stack_env["RAG_REDIS_PASSWORD"]),
+        "minio": MinioResource(endpoint=stack_env["RAG_S3_ENDPOINT"],
+                               access_key=stack_env["RAG_S3_ACCESS_KEY"],
+                               secret_key=stack_env["RAG_S3_SECRET_KEY"]),
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def s3(stack_env):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack_env["RAG_S3_ENDPOINT"],
+                        aws_access_key_id=stack_env["RAG_S3_ACCESS_KEY"],
+                        aws_secret_access_key=stack_env["RAG_S3_SECRET_KEY"],
+                        region_name="us-east-1")
+
+
+def buckets(s3) -> set[str]:
+    return {b["Name"] for b in s3.list_buckets()["Buckets"]}
+
+
+@pytest.fixture(scope="module")
 def backed_up(resources):
-    """Verified backups of PostgreSQL (ragqa) and Redis, taken by the real assets."""
+    """Verified backups of PostgreSQL (ragqa), Redis and MinIO, taken by the real assets once
+    for the module (the tests only read them)."""
     instance = dg.DagsterInstance.ephemeral()
     for assets, key in (([pg_defs.postgres_backup, pg_defs.postgres_backup_verified], DAY),
-                        ([redis_defs.redis_backup, redis_defs.redis_backup_verified], HOUR)):
+                        ([redis_defs.redis_backup, redis_defs.redis_backup_verified], HOUR),
+                        ([minio_defs.minio_backup, minio_defs.minio_backup_verified], DAY)):
         assert dg.materialize(assets, partition_key=key, instance=instance,
                               resources=resources).success
     return instance
@@ -52,10 +88,10 @@ def test_dry_run_reports_the_chosen_set_and_its_spread(resources, backed_up, rep
     result = run_restore_all(resources, backed_up, dry_run=True)
     assert result.success
     out = result.output_for_node("restore_all_stores")
-    assert out["chosen"] == {"postgres": DAY, "redis": HOUR}
-    points = [repo.get("postgres", DAY).manifest.started_at,
-              repo.get("redis", HOUR).manifest.started_at]
-    assert out["spread_s"] == pytest.approx(abs((points[0] - points[1]).total_seconds()))
+    assert out["chosen"] == {"postgres": DAY, "redis": HOUR, "minio": DAY}
+    points = [repo.get(store, key).manifest.started_at
+              for store, key in (("postgres", DAY), ("redis", HOUR), ("minio", DAY))]
+    assert out["spread_s"] == pytest.approx((max(points) - min(points)).total_seconds())
     assert "restored" not in out
 
 
@@ -67,8 +103,8 @@ def test_a_point_before_every_backup_is_refused(resources, backed_up):
         result.failure_data_for_node("restore_all_stores").error)
 
 
-def test_restore_all_into_scratch_targets(pg, resources, backed_up, repo, tmp_path):
-    databases_before = pgutil.databases(pg)
+def test_restore_all_into_scratch_targets(pg, s3, resources, backed_up, repo, tmp_path):
+    databases_before, buckets_before = pgutil.databases(pg), buckets(s3)
     result = run_restore_all(resources, backed_up, scratch_dir=str(tmp_path / "scratch"))
     assert result.success, result.failure_data_for_node("restore_all_stores")
     restored = result.output_for_node("restore_all_stores")["restored"]
@@ -83,9 +119,19 @@ def test_restore_all_into_scratch_targets(pg, resources, backed_up, repo, tmp_pa
         assert rdb.name == "dump.rdb" and rdb.stat().st_size > 0
         assert restored["redis"]["keys"] == repo.get("redis", HOUR).manifest.fingerprint["keys"]
         assert restored["redis"]["matches_manifest"]
+        scratch_buckets = buckets(s3) - buckets_before
+        assert scratch_buckets == set(restored["minio"]["target"].split(", "))
+        assert restored["minio"]["matches_manifest"] and restored["minio"]["buckets"] == 2
+        for bucket in scratch_buckets:
+            source = bucket.split("-pit-")[0]
+            assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == \
+                s3.list_objects_v2(Bucket=source)["KeyCount"]
     finally:
         for name in created:
             pgutil.drop_database(pg, name)
+        for bucket in buckets(s3) - buckets_before:
+            recovery.remove_buckets(resources["minio"], recovery.Restored(
+                "minio", "", "", utcnow(), "", 0, True, handle={bucket: bucket}))
 
 
 def test_production_needs_every_confirmation(pg, resources, backed_up):
@@ -97,11 +143,15 @@ def test_production_needs_every_confirmation(pg, resources, backed_up):
     result = run_restore_all(resources, backed_up, into_production=True, stores=["redis"])
     assert "set redis_confirm to '127.0.0.1:" in str(
         result.failure_data_for_node("restore_all_stores").error)
+    result = run_restore_all(resources, backed_up, into_production=True, stores=["minio"])
+    assert "set minio_confirm to 'documents,models'" in str(
+        result.failure_data_for_node("restore_all_stores").error)
     assert pgutil.databases(pg) == before
 
 
-def test_restore_drill_records_restore_times_and_leaves_nothing_behind(pg, resources, backed_up):
-    before = pgutil.databases(pg)
+def test_restore_drill_records_restore_times_and_leaves_nothing_behind(pg, s3, resources,
+                                                                       backed_up):
+    before, buckets_before = pgutil.databases(pg), buckets(s3)
     result = dg.materialize([recovery.restore_drill], instance=backed_up, resources=resources)
     assert result.success
     [mat] = result.asset_materializations_for_node("restore_drill")
@@ -109,4 +159,6 @@ def test_restore_drill_records_restore_times_and_leaves_nothing_behind(pg, resou
     assert meta["postgres_restore_s"].value > 0 and meta["redis_restore_s"].value > 0
     assert meta["consistent"].value is True
     assert meta["postgres_rows"].value > 0 and meta["redis_keys"].value > 0
-    assert pgutil.databases(pg) == before
+    assert meta["minio_restore_s"].value > 0 and meta["minio_objects"].value > 0
+    assert meta["objects_missing"].value == 0
+    assert pgutil.databases(pg) == before and buckets(s3) == buckets_before

@@ -22,7 +22,13 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.defs.partitions import SCHEDULE_STATUS
-from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource, RedisResource
+from rag_backup.defs.resources import (
+    BackupRepositoryResource,
+    MinioResource,
+    PostgresResource,
+    RedisResource,
+)
+from rag_backup.engines import minio as minio_engine
 from rag_backup.engines import postgres as pg_engine
 from rag_backup.engines import redis as redis_engine
 from rag_backup.errors import BackupNotFound, ConfirmationRequired, InvalidRequest
@@ -136,6 +142,64 @@ def drill_redis(repo: BackupRepository, record: BackupRecord, redis: RedisResour
                        {"keys": report.restored}, handle=target)
 
 
+# -- MinIO ---------------------------------------------------------------------------------
+
+def restore_minio(repo: BackupRepository, record: BackupRecord, minio: MinioResource, *,
+                  production: bool, confirm: str, suffix: str, log) -> Restored:
+    """Production: every bucket of the snapshot back to its state (objects not in the snapshot
+    removed; confirmed). Scratch: each bucket into a new bucket ``<bucket>-<suffix>``."""
+    started = time.monotonic()
+    buckets = minio_engine.snapshot_buckets(record)
+    if production and confirm != ",".join(buckets):
+        raise ConfirmationRequired(f"restoring MinIO buckets {buckets} in place removes objects "
+                                   f"added since the snapshot: set minio_confirm to "
+                                   f"{','.join(buckets)!r}")
+    targets, ok, objects = {}, True, 0
+    for bucket in buckets:
+        target = bucket if production else f"{bucket[:40]}-{suffix}"
+        report = minio_engine.restore(
+            repo, record, minio.s3(), buckets=[bucket], target_bucket=target,
+            remove_extra=production, confirm=target if production else "",
+            workers=minio.workers, log=log)
+        targets[bucket] = target
+        ok = ok and report.matches_snapshot
+        objects += report.total("in_snapshot")
+    return Restored("minio", record.partition_key, record.backup_id, record.manifest.started_at,
+                    ", ".join(targets.values()), time.monotonic() - started, ok,
+                    {"objects": objects, "buckets": len(targets)}, handle=targets)
+
+
+def remove_buckets(minio: MinioResource, restored: Restored) -> None:
+    client = minio.s3().client()
+    for bucket in restored.handle.values():
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
+
+
+# -- consistency across stores -------------------------------------------------------------
+
+def referenced_objects_missing(postgres: PostgresResource, database: str,
+                               repo: BackupRepository, minio_record: BackupRecord) -> list[str]:
+    """Object keys (``bucket/key``) referenced by ``documents`` that the MinIO snapshot lacks."""
+    conn = postgres.server().connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT object_key FROM documents WHERE object_key IS NOT NULL "
+                        "UNION SELECT image_key FROM documents WHERE image_key IS NOT NULL")
+            wanted = {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+    present = set()
+    for bucket in minio_engine.snapshot_buckets(minio_record):
+        present.update(f"{bucket}/{e.key}" for e in minio_engine.read_snapshot(
+            repo, minio_record, bucket) if f"{bucket}/{e.key}" in wanted)
+    return sorted(wanted - present)
+
+
 # -- choosing one recovery point -----------------------------------------------------------
 
 def parse_point(text: str) -> datetime:
@@ -182,6 +246,8 @@ class RestoreAllConfig(dg.Config):
                                   "database list, exactly.")
     redis_confirm: str = Field(default="", description="Production: 'host:port' of the Redis "
                                "server (every db of the backup is flushed and replayed).")
+    minio_confirm: str = Field(default="", description="Production: the comma-separated bucket "
+                               "list of the snapshot (objects added since are removed).")
     scratch_dir: str = Field(default="/tmp/rag-backup-restores", description="Scratch "
                              "restores of Redis: where the RDB is placed.")
     dry_run: bool = Field(default=False, description="Only report the chosen backups.")
@@ -190,7 +256,7 @@ class RestoreAllConfig(dg.Config):
 @dg.op(out=dg.Out(dict))
 def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
                        repository: BackupRepositoryResource, postgres: PostgresResource,
-                       redis: RedisResource) -> dict:
+                       redis: RedisResource, minio: MinioResource) -> dict:
     """Choose each store's backup for the point in time, report the set, and restore it."""
     repo = repository.open()
     stores = config.stores or list(RESTORERS)
@@ -214,7 +280,7 @@ def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
     summary: dict[str, Any] = {"chosen": {s: r.partition_key for s, r in chosen.items()},
                                "spread_s": spread_s(chosen)}
     if not config.dry_run:
-        resources = {"postgres": postgres, "redis": redis}
+        resources = {"postgres": postgres, "redis": redis, "minio": minio}
         results = [RESTORERS[store](repo, record, resources[store], config, context.log.info)
                    for store, record in chosen.items()]
         for r in results:
@@ -235,6 +301,9 @@ RESTORERS = {
     "redis": lambda repo, record, res, cfg, log: restore_redis(
         repo, record, res, production=cfg.into_production, confirm=cfg.redis_confirm,
         scratch_dir=cfg.scratch_dir, log=log),
+    "minio": lambda repo, record, res, cfg, log: restore_minio(
+        repo, record, res, production=cfg.into_production, confirm=cfg.minio_confirm,
+        suffix=f"pit-{_stamp()}", log=log),
 }
 
 
@@ -251,7 +320,8 @@ def restore_all_job():
 @dg.asset(group_name=GROUP, kinds={"python"}, owners=["team:platform"],
           pool="restore_drill")
 def restore_drill(context: dg.AssetExecutionContext, repository: BackupRepositoryResource,
-                  postgres: PostgresResource, redis: RedisResource) -> dg.MaterializeResult:
+                  postgres: PostgresResource, redis: RedisResource,
+                  minio: MinioResource) -> dg.MaterializeResult:
     """The monthly restore test, automated: the newest verified backup of every store restored
     into scratch targets, compared with its manifest, checked for consistency across stores,
     removed. Records each store's measured restore time (the RTO, plotted over time)."""
@@ -266,7 +336,18 @@ def restore_drill(context: dg.AssetExecutionContext, repository: BackupRepositor
         cleanup.callback(drop_postgres, postgres, pg_restored)
         redis_restored = cleanup.enter_context(drill_redis(repo, chosen["redis"], redis,
                                                            context.log.info))
-        for r in (pg_restored, redis_restored):
+        minio_restored = restore_minio(repo, chosen["minio"], minio, production=False,
+                                       confirm="", suffix=f"drill-{_stamp()}",
+                                       log=context.log.info)
+        cleanup.callback(remove_buckets, minio, minio_restored)
+        if "ragqa" in pg_restored.handle:
+            missing = referenced_objects_missing(postgres, pg_restored.handle["ragqa"], repo,
+                                                 chosen["minio"])
+            metadata["objects_missing"] = dg.MetadataValue.int(len(missing))
+            if missing:
+                problems.append(f"{len(missing)} object(s) referenced by documents are not in "
+                                f"the MinIO snapshot, e.g. {missing[:3]}")
+        for r in (pg_restored, redis_restored, minio_restored):
             metadata[f"{r.store}_restore_s"] = dg.MetadataValue.float(round(r.seconds, 3))
             metadata[f"{r.store}_partition"] = dg.MetadataValue.text(r.partition_key)
             for name, value in r.counts.items():
