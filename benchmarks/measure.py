@@ -8,16 +8,20 @@ includes the RSS of the Python parent it was forked from.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from rag_backup.proc import tail
 
@@ -149,3 +153,23 @@ def run_measured(argv: Sequence[str], *, what: str, timeout_s: float,
                            f"{tail(stderr) or '(no stderr)'}")
     return ProcessStats(wall, usage.ru_utime + usage.ru_stime, sampler.peak_tree_bytes,
                         sampler.peak_proc_bytes, sampler.samples, stdout)
+
+
+def bench_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace, Path], dict],
+               render: Callable[[dict], str], *, prefix: str) -> int:
+    """The command line every store benchmark shares: ``--json FILE`` and ``--keep`` added to
+    ``parser``; ``run(args, workdir)`` measures and returns the report, ``render`` prints it;
+    the work directory is removed afterwards unless ``--keep``."""
+    parser.add_argument("--json", type=Path, help="also write the report as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        report = run(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0

@@ -37,18 +37,17 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from measure import MB, ProcessStats, log, run_measured  # noqa: E402  (sibling module)
-
 from rag_backup.devstack import DevStack
 from rag_backup.engines import minio as engine
 from rag_backup.repository import BackupRepository, FilesystemBackend
 from rag_backup.repository.manifest import utcnow
+
+from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
 
 BUCKET = "bench-documents"
 WORKERS = 8
@@ -317,22 +316,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--objects", type=int, default=10_000)
     parser.add_argument("--change", type=float, default=0.01, help="share overwritten")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = parser.parse_args()
     # rclone (Debian) fails against a local S3 endpoint while AWS_CA_BUNDLE is set (DESIGN.md);
     # every contender runs without it.
     os.environ.pop("AWS_CA_BUNDLE", None)
-    work = Path(tempfile.mkdtemp(prefix="minio-bench-"))
-    try:
-        report = benchmark(args.objects, args.change, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return bench_main(parser, lambda args, work: benchmark(args.objects, args.change, work),
+                      render, prefix="minio-bench-")
 
 
 if __name__ == "__main__":

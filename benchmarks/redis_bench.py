@@ -37,7 +37,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from rag_backup.devstack import DevStack
 from rag_backup.engines import redis as engine
 from rag_backup.repository import BackupRepository, FilesystemBackend
 
-from measure import MB, ProcessStats, log, run_measured  # noqa: E402  (sibling module)
+from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
 
 PARTITION = "2026-11-24-02:00"
 BATCH = 10_000
@@ -258,19 +257,8 @@ def main() -> int:
         return worker(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="redis-bench-"))
-    try:
-        report = benchmark(args.keys, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return bench_main(parser, lambda args, work: benchmark(args.keys, work), render,
+                      prefix="redis-bench-")
 
 
 if __name__ == "__main__":
