@@ -42,12 +42,12 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
+
 from rag_backup.devstack import DevStack
 from rag_backup.engines import minio as engine
 from rag_backup.repository import BackupRepository, FilesystemBackend
 from rag_backup.repository.manifest import utcnow
-
-from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
 
 BUCKET = "bench-documents"
 WORKERS = 8
@@ -152,8 +152,7 @@ def worker(argv: list[str]) -> int:
     if action == "backup":
         with repo.begin("minio", partition, "minio-bench") as pending:
             out = engine.backup(s3, pending, [BUCKET], window=WINDOW, workers=WORKERS)
-            pending.commit(fingerprint=out.fingerprint, tool_versions=out.tool_versions,
-                           server_version=out.server_version)
+            pending.commit(out)
         print(json.dumps({"objects": out.objects, "bytes": out.bytes,
                           "copied": out.objects_copied, "bytes_copied": out.bytes_copied,
                           "reused": out.objects_reused}))

@@ -80,12 +80,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from measure import MB, log, run_measured  # noqa: E402
 from psycopg2 import sql
+
 from rag_backup.engines import postgres as pg
 from rag_backup.proc import run, tail
 from rag_backup.repository import BackupRepository, FilesystemBackend
-
-from measure import MB, log, run_measured  # noqa: E402
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 RANDOM_ROWS_PER_SCALE = 40_000
@@ -357,9 +357,7 @@ def worker(argv: Sequence[str]) -> int:
         with repo.begin(pg.STORE, PARTITION, RUN_ID) as pending:
             out = pg.backup(server, pending, databases=[args.database],
                             zstd_level=args.zstd_level, log=note)
-            manifest = pending.commit(fingerprint=out.fingerprint,
-                                      tool_versions=out.tool_versions,
-                                      server_version=out.server_version)
+            manifest = pending.commit(out)
         summary: dict[str, Any] = {
             "artifact_bytes": manifest.size_bytes, "rows": out.rows, "tables": out.tables,
             "artifacts": {a.path: a.size for a in manifest.artifacts}}

@@ -42,11 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
+from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
+
 from rag_backup.devstack import DevStack
 from rag_backup.engines import redis as engine
 from rag_backup.repository import BackupRepository, FilesystemBackend
-
-from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
 
 PARTITION = "2026-11-24-02:00"
 BATCH = 10_000
@@ -99,9 +99,7 @@ def worker(argv: list[str]) -> int:
     if action == "backup":
         with repo.begin("redis", PARTITION, "redis-bench") as pending:
             out = engine.backup(server, pending)
-            manifest = pending.commit(fingerprint=out.fingerprint,
-                                      tool_versions=out.tool_versions,
-                                      server_version=out.server_version)
+            manifest = pending.commit(out)
         print(json.dumps({"keys": out.keys, "artifact_bytes": manifest.size_bytes}))
     elif action == "verify":
         print(json.dumps(engine.verify(repo, repo.get("redis", PARTITION))))

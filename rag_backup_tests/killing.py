@@ -18,8 +18,7 @@ repo = BackupRepository(FilesystemBackend({repo_dir!r}))
 server = {server}
 with repo.begin({store!r}, {partition!r}, "doomed") as pending:
     out = engine.backup(server, pending{backup_args})
-    pending.commit(fingerprint=out.fingerprint, tool_versions=out.tool_versions,
-                   server_version=out.server_version)
+    pending.commit(out)
 """
 
 

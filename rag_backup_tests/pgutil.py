@@ -23,7 +23,8 @@ CREATE TABLE app.documents (
 );
 INSERT INTO app.documents (title, body, meta, raw)
 SELECT 'दस्तावेज़ ' || g, 'भारत सरकार का संस्कृति मंत्रालय — English body ' || g,
-       jsonb_build_object('n', g, 'tags', jsonb_build_array('हिंदी', 'en'), 'nested', jsonb_build_object('ok', g % 2 = 0)),
+       jsonb_build_object('n', g, 'tags', jsonb_build_array('हिंदी', 'en'),
+                          'nested', jsonb_build_object('ok', g % 2 = 0)),
        decode(md5(g::text), 'hex')
 FROM generate_series(1, 5000) g;
 CREATE SEQUENCE audit.ticket_seq START 1000;

@@ -18,7 +18,7 @@ from rag_backup.defs.resources import (
     BackupRepositoryResource,
     PostgresResource,
 )
-from rag_backup.repository import BackupRepository, Verification
+from rag_backup.repository import BackupOutcome, BackupRepository, Verification
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests.receivers import free_port, smtp_server, webhook_server
 
@@ -39,7 +39,7 @@ def fake_backup(repo: BackupRepository, store: str, partition: str, verified: bo
     with repo.begin(store, partition, "t") as pending:
         with pending.artifact("data") as out:
             out.write(b"x")
-        manifest = pending.commit(fingerprint={}, tool_versions={}, server_version="x")
+        manifest = pending.commit(BackupOutcome({}, {}, "x"))
     if verified:
         repo.record_verification(store, partition,
                                  Verification(manifest.backup_id, True, utcnow(), "t"))

@@ -144,8 +144,7 @@ def take(repo: BackupRepository, s3: engine.S3Endpoint, buckets: list[str],
          partition: str = TODAY, verify: bool = True, **kwargs) -> engine.BackupOutcome:
     with repo.begin("minio", partition, "test") as pending:
         outcome = engine.backup(s3, pending, buckets, window=WINDOW, **kwargs)
-        pending.commit(fingerprint=outcome.fingerprint, tool_versions=outcome.tool_versions,
-                       server_version=outcome.server_version)
+        pending.commit(outcome)
     if verify:
         record = repo.get("minio", partition)
         checks = engine.verify(repo, record)
@@ -406,8 +405,7 @@ def test_garbage_collection_spares_the_blobs_of_a_backup_still_running(
         outcome = engine.backup(s3, pending, [bucket], window=WINDOW)
         collected = engine.collect_garbage(repo)  # at the same time, before the commit
         assert collected.blobs_deleted == 0 and collected.blobs_kept_in_grace == 1
-        pending.commit(fingerprint=outcome.fingerprint, tool_versions=outcome.tool_versions,
-                       server_version=outcome.server_version)
+        pending.commit(outcome)
     assert (outcome.objects_copied, outcome.objects_reused) == (1, 1)
     engine.verify(repo, repo.get("minio", TODAY))
 

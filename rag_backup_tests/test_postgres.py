@@ -36,8 +36,7 @@ def take_backup(repo: BackupRepository, pg: engine.PostgresServer, database: str
                 partition: str = TODAY, verify: bool = True):
     with repo.begin("postgres", partition, "test-run") as pending:
         outcome = engine.backup(pg, pending, databases=[database])
-        pending.commit(fingerprint=outcome.fingerprint, tool_versions=outcome.tool_versions,
-                       server_version=outcome.server_version)
+        pending.commit(outcome)
     record = repo.get("postgres", partition)
     if verify:
         checks = engine.verify(repo, record)

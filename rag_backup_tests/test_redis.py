@@ -23,7 +23,7 @@ from rag_backup.errors import (
     IntegrityError,
     StoreUnreachable,
 )
-from rag_backup.repository import BackupRepository, Verification
+from rag_backup.repository import BackupOutcome, BackupRepository, Verification
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests.killing import kill_backup_while_writing
 
@@ -90,8 +90,7 @@ def take_backup(repo: BackupRepository, rs: engine.RedisServer, partition: str =
                 verify: bool = True):
     with repo.begin("redis", partition, "test") as pending:
         outcome = engine.backup(rs, pending)
-        pending.commit(fingerprint=outcome.fingerprint, tool_versions=outcome.tool_versions,
-                       server_version=outcome.server_version)
+        pending.commit(outcome)
     record = repo.get("redis", partition)
     if verify:
         checks = engine.verify(repo, record)
@@ -220,8 +219,7 @@ def test_a_corrupt_rdb_fails_verification(test_dbs, repo, tmp_path):
     with repo.begin("redis", "2026-11-23-10:00", "t") as pending:
         with open(rdb, "rb") as source:
             engine.compress_into(pending, engine.RDB_ARTIFACT, source, 3)
-        pending.commit(fingerprint={"dbs": {}, "keys": 0, "expires": 0}, tool_versions={},
-                       server_version="7")
+        pending.commit(BackupOutcome({"dbs": {}, "keys": 0, "expires": 0}, {}, "7"))
     with pytest.raises(IntegrityError, match="redis-check-rdb"):
         engine.verify(repo, repo.get("redis", "2026-11-23-10:00"))
 

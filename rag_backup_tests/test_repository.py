@@ -10,6 +10,7 @@ import pytest
 
 from rag_backup.errors import IntegrityError, InvalidRequest, StoreUnreachable
 from rag_backup.repository import (
+    BackupOutcome,
     BackupRepository,
     FilesystemBackend,
     S3Backend,
@@ -42,8 +43,7 @@ def write_backup(repo: BackupRepository, partition: str, payload: bytes, name: s
         with pending.artifact(name) as out:
             for i in range(0, len(payload), 1000):
                 out.write(payload[i:i + 1000])
-        manifest = pending.commit(fingerprint={"rows": 3}, tool_versions={"t": "1"},
-                                  server_version="x")
+        manifest = pending.commit(BackupOutcome({"rows": 3}, {"t": "1"}, "x"))
     return manifest
 
 

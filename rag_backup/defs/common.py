@@ -75,9 +75,7 @@ def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, sto
     ensure_within_window(store, key, now=utcnow(), window=window, tz=TIMEZONE)
     with retry_when_unreachable(), repo.begin(store, key, context.run.run_id) as pending:
         outcome = take(pending)
-        manifest = pending.commit(fingerprint=outcome.fingerprint,
-                                  tool_versions=outcome.tool_versions,
-                                  server_version=outcome.server_version)
+        manifest = pending.commit(outcome)
     record = repo.get(store, key)
     assert record is not None and record.backup_id == manifest.backup_id
     metadata = backup_metadata(manifest, record.location, **counts(outcome))

@@ -66,6 +66,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
+from rag_backup import repository
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
@@ -430,10 +431,7 @@ class BucketStats:
 
 
 @dataclass(frozen=True)
-class BackupOutcome:
-    fingerprint: dict[str, Any]
-    tool_versions: dict[str, str]
-    server_version: str
+class BackupOutcome(repository.BackupOutcome):
     buckets: dict[str, BucketStats]
     reuse_source: str | None
 

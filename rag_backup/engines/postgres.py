@@ -25,6 +25,7 @@ import psycopg2.extensions
 import zstandard
 from psycopg2 import sql
 
+from rag_backup import repository
 from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
@@ -119,11 +120,7 @@ class DatabaseFingerprint:
 
 
 @dataclass(frozen=True)
-class BackupOutcome:
-    fingerprint: dict[str, Any]
-    tool_versions: dict[str, str]
-    server_version: str
-
+class BackupOutcome(repository.BackupOutcome):
     @property
     def tables(self) -> int:
         return self.fingerprint["tables"]

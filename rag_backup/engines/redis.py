@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 
+from rag_backup import repository
 from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
@@ -102,11 +103,7 @@ def _binary(name: str, override: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class BackupOutcome:
-    fingerprint: dict[str, Any]
-    tool_versions: dict[str, str]
-    server_version: str
-
+class BackupOutcome(repository.BackupOutcome):
     @property
     def keys(self) -> int:
         return self.fingerprint["keys"]

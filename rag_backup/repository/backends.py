@@ -252,7 +252,8 @@ class S3Backend:
         names: set[str] = set()
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
-            names.update(p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", []))
+            names.update(p["Prefix"][len(full):].rstrip("/")
+                         for p in page.get("CommonPrefixes", []))
             names.update(o["Key"][len(full):] for o in page.get("Contents", []))
         return sorted(n for n in names if n)
 
@@ -320,7 +321,8 @@ class S3Backend:
 
 def backend_from_url(url: str, *, s3_endpoint: str | None = None, s3_access_key: str | None = None,
                      s3_secret_key: str | None = None, s3_region: str = "us-east-1") -> Backend:
-    """``/path`` or ``file:///path`` → filesystem; ``s3://bucket/prefix`` → S3 (checked reachable)."""
+    """``/path`` or ``file:///path``: filesystem; ``s3://bucket/prefix``: S3 (checked
+    reachable)."""
     if url.startswith("s3://"):
         import boto3
         from botocore.config import Config

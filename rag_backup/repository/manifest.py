@@ -81,6 +81,16 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class BackupOutcome:
+    """What an engine's backup tells the manifest about the source: its fingerprint (counts),
+    the tools' and the server's versions. Engines subclass it with their own accessors."""
+
+    fingerprint: dict[str, Any]
+    tool_versions: dict[str, str]
+    server_version: str
+
+
+@dataclass(frozen=True)
 class Verification:
     """The outcome of verifying one backup, stored beside its manifest."""
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from rag_backup.errors import (
     BackupExpired,
@@ -28,7 +28,14 @@ from rag_backup.errors import (
     InvalidRequest,
 )
 from rag_backup.repository.backends import Backend, safe_key
-from rag_backup.repository.manifest import Artifact, Manifest, Tombstone, Verification, utcnow
+from rag_backup.repository.manifest import (
+    Artifact,
+    BackupOutcome,
+    Manifest,
+    Tombstone,
+    Verification,
+    utcnow,
+)
 from rag_backup.repository.retention import (
     RetentionCandidate,
     RetentionDecision,
@@ -108,14 +115,13 @@ class PendingBackup:
             yield writer
         self.artifacts.append(Artifact(name, writer.size, writer.hash.hexdigest()))
 
-    def commit(self, *, fingerprint: dict[str, Any], tool_versions: dict[str, str],
-               server_version: str) -> Manifest:
+    def commit(self, outcome: BackupOutcome) -> Manifest:
         """Write the manifest (the commit point), then remove every older backup directory."""
         manifest = Manifest(
             store=self.store, partition_key=self.partition_key, backup_id=self.backup_id,
             run_id=self.run_id, started_at=self.started_at, ended_at=utcnow(),
-            tool_versions=tool_versions, server_version=server_version,
-            fingerprint=fingerprint, artifacts=tuple(self.artifacts),
+            tool_versions=outcome.tool_versions, server_version=outcome.server_version,
+            fingerprint=outcome.fingerprint, artifacts=tuple(self.artifacts),
         )
         part = f"{self.store}/{self.partition_key}"
         backend = self.repo.backend
@@ -228,7 +234,8 @@ class BackupRepository:
 
     def resolve(self, store: str, partition_key: str, *, require_verified: bool = True
                 ) -> BackupRecord:
-        """The backup to restore for ``partition_key`` (or ``latest``), or an error saying why not."""
+        """The backup to restore for ``partition_key`` (or ``latest``), or an error saying
+        why not."""
         if partition_key == LATEST:
             record = self.latest_verified(store)
             if record is None:
