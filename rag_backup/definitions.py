@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from rag_backup.defs import automation, minio, postgres, recovery, redis
+from rag_backup.defs import automation, milvus, minio, postgres, recovery, redis
 from rag_backup.defs.resources import default_resources
 
-STORES = [postgres, redis, minio]
+STORES = [postgres, redis, milvus, minio]
 
 defs = dg.Definitions.merge(
     *(store.defs for store in STORES),

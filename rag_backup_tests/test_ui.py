@@ -21,7 +21,7 @@ def test_webserver_and_daemon_on_postgres_storage_show_the_backup_assets(stack_e
     env = {**stack_env, "RAG_BACKUP_AUTOMATION": "off"}
     with dagster_ui(env, tmp_path / "dagster_home") as ui:
         nodes = {tuple(n["assetKey"]["path"]): n for n in ui.graphql(ASSETS)["assetNodes"]}
-        for store in ("postgres", "redis", "minio"):
+        for store in ("postgres", "redis", "milvus", "minio"):
             for name in (f"{store}_backup", f"{store}_backup_verified", f"{store}_retention"):
                 node = nodes[(name,)]
                 assert node["groupName"] == store

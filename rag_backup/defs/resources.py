@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.alerts import Notifier, SmtpChannel, WebhookChannel
+from rag_backup.engines.milvus import DEFAULT_ROWS_PER_FILE, MilvusServer
 from rag_backup.engines.minio import S3Endpoint
 from rag_backup.engines.postgres import PostgresServer
 from rag_backup.engines.redis import RedisServer
@@ -101,6 +102,37 @@ class MinioResource(dg.ConfigurableResource):
         return timedelta(hours=self.gc_grace_hours)
 
 
+class MilvusResource(dg.ConfigurableResource):
+    """The Milvus server to back up and restore into (one database of it)."""
+
+    uri: str = Field(description="Milvus endpoint, e.g. http://milvus:19530 (RAG_MILVUS_URI)")
+    token: str = Field(default="", description="From the environment (RAG_MILVUS_TOKEN): "
+                       "'user:password' or an API key; empty when authentication is off")
+    db_name: str = Field(default="default", description="Database (RAG_MILVUS_DB_NAME)")
+    collections: str = Field(default="", description="Comma-separated collections to back up "
+                             "(RAG_MILVUS_COLLECTIONS); empty: every collection of the database")
+    storage_root: str = Field(default="", description="Where the server keeps its binlogs, as "
+                              "the server sees it (RAG_MILVUS_STORAGE_ROOT): localStorage.path "
+                              "for local storage, minio.rootPath (e.g. 'files') for MinIO. Only "
+                              "restores of auto_id collections that keep their ids need it.")
+    batch_rows: int = Field(default=0, description="Rows per iterator/insert batch (64-16384); "
+                            "0: about 16 MiB of raw data per batch. Memory is bounded by it.")
+    rows_per_file: int = Field(default=DEFAULT_ROWS_PER_FILE,
+                               description="A new Parquet file every this many rows")
+    timeout_s: int = Field(default=120, description="Deadline of one ordinary Milvus call")
+    long_timeout_s: int = Field(default=3600, description="Deadline of loads, flushes, index "
+                                "builds and bulk imports")
+
+    def server(self) -> MilvusServer:
+        return MilvusServer(self.uri, self.token, self.db_name or "default",
+                                   timeout_s=self.timeout_s, long_timeout_s=self.long_timeout_s,
+                                   storage_root=self.storage_root)
+
+    def collection_list(self) -> list[str] | None:
+        names = [c.strip() for c in self.collections.split(",") if c.strip()]
+        return names or None
+
+
 class AlertResource(dg.ConfigurableResource):
     """Where alerts go: a webhook (JSON POST) and/or e-mail over SMTP. Unset channels are off."""
 
@@ -163,6 +195,13 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             user=dg.EnvVar("RAG_PG_USER"),
             password=optional_env("RAG_PG_PASSWORD") or "",
             databases=optional_env("RAG_PG_DATABASES") or "",
+        ),
+        "milvus": MilvusResource(
+            uri=dg.EnvVar("RAG_MILVUS_URI"),
+            token=optional_env("RAG_MILVUS_TOKEN") or "",
+            db_name=optional_env("RAG_MILVUS_DB_NAME") or "default",
+            collections=optional_env("RAG_MILVUS_COLLECTIONS") or "",
+            storage_root=optional_env("RAG_MILVUS_STORAGE_ROOT") or "",
         ),
         "minio": MinioResource(
             endpoint=dg.EnvVar("RAG_S3_ENDPOINT"),
