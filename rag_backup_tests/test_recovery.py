@@ -8,12 +8,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from rag_backup.defs import milvus as milvus_defs
 from rag_backup.defs import minio as minio_defs
 from rag_backup.defs import postgres as pg_defs
 from rag_backup.defs import recovery
 from rag_backup.defs import redis as redis_defs
 from rag_backup.defs.resources import (
     BackupRepositoryResource,
+    MilvusResource,
     MinioResource,
     PostgresResource,
     RedisResource,
@@ -45,6 +47,8 @@ def resources(pg, stack_env, shared_repo_dir):
         "redis": RedisResource(host=stack_env["RAG_REDIS_HOST"],
                                port=int(stack_env["RAG_REDIS_PORT"]),
                                password=stack_env["RAG_REDIS_PASSWORD"]),
+        "milvus": MilvusResource(uri=stack_env["RAG_MILVUS_URI"],
+                                 collections="ministry_text,ministry_images"),
         "minio": MinioResource(endpoint=stack_env["RAG_S3_ENDPOINT"],
                                access_key=stack_env["RAG_S3_ACCESS_KEY"],
                                secret_key=stack_env["RAG_S3_SECRET_KEY"]),
@@ -72,7 +76,8 @@ def backed_up(resources):
     instance = dg.DagsterInstance.ephemeral()
     for assets, key in (([pg_defs.postgres_backup, pg_defs.postgres_backup_verified], DAY),
                         ([redis_defs.redis_backup, redis_defs.redis_backup_verified], HOUR),
-                        ([minio_defs.minio_backup, minio_defs.minio_backup_verified], DAY)):
+                        ([minio_defs.minio_backup, minio_defs.minio_backup_verified], DAY),
+                        ([milvus_defs.milvus_backup, milvus_defs.milvus_backup_verified], DAY)):
         assert dg.materialize(assets, partition_key=key, instance=instance,
                               resources=resources).success
     return instance
@@ -88,9 +93,10 @@ def test_dry_run_reports_the_chosen_set_and_its_spread(resources, backed_up, rep
     result = run_restore_all(resources, backed_up, dry_run=True)
     assert result.success
     out = result.output_for_node("restore_all_stores")
-    assert out["chosen"] == {"postgres": DAY, "redis": HOUR, "minio": DAY}
+    assert out["chosen"] == {"postgres": DAY, "redis": HOUR, "milvus": DAY, "minio": DAY}
     points = [repo.get(store, key).manifest.started_at
-              for store, key in (("postgres", DAY), ("redis", HOUR), ("minio", DAY))]
+              for store, key in (("postgres", DAY), ("redis", HOUR), ("minio", DAY),
+                                 ("milvus", DAY))]
     assert out["spread_s"] == pytest.approx((max(points) - min(points)).total_seconds())
     assert "restored" not in out
 
@@ -122,11 +128,16 @@ def test_restore_all_into_scratch_targets(pg, s3, resources, backed_up, repo, tm
         scratch_buckets = buckets(s3) - buckets_before
         assert scratch_buckets == set(restored["minio"]["target"].split(", "))
         assert restored["minio"]["matches_manifest"] and restored["minio"]["buckets"] == 2
+        assert restored["milvus"]["matches_manifest"] and restored["milvus"]["collections"] == 2
         for bucket in scratch_buckets:
             source = bucket.split("-pit-")[0]
             assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == \
                 s3.list_objects_v2(Bucket=source)["KeyCount"]
     finally:
+        if "milvus" in restored:
+            targets = restored["milvus"]["target"].split(", ")
+            recovery.drop_collections(resources["milvus"], recovery.Restored(
+                "milvus", "", "", utcnow(), "", 0, True, handle=dict(zip(targets, targets))))
         for name in created:
             pgutil.drop_database(pg, name)
         for bucket in buckets(s3) - buckets_before:
@@ -146,6 +157,9 @@ def test_production_needs_every_confirmation(pg, resources, backed_up):
     result = run_restore_all(resources, backed_up, into_production=True, stores=["minio"])
     assert "set minio_confirm to 'documents,models'" in str(
         result.failure_data_for_node("restore_all_stores").error)
+    result = run_restore_all(resources, backed_up, into_production=True, stores=["milvus"])
+    assert "set milvus_confirm to 'ministry_images,ministry_text'" in str(
+        result.failure_data_for_node("restore_all_stores").error)
     assert pgutil.databases(pg) == before
 
 
@@ -161,4 +175,6 @@ def test_restore_drill_records_restore_times_and_leaves_nothing_behind(pg, s3, r
     assert meta["postgres_rows"].value > 0 and meta["redis_keys"].value > 0
     assert meta["minio_restore_s"].value > 0 and meta["minio_objects"].value > 0
     assert meta["objects_missing"].value == 0
+    assert meta["milvus_restore_s"].value > 0 and meta["milvus_rows"].value > 0
+    assert meta["vectors_without_document"].value == 0
     assert pgutil.databases(pg) == before and buckets(s3) == buckets_before

@@ -24,10 +24,12 @@ from pydantic import Field
 from rag_backup.defs.partitions import SCHEDULE_STATUS
 from rag_backup.defs.resources import (
     BackupRepositoryResource,
+    MilvusResource,
     MinioResource,
     PostgresResource,
     RedisResource,
 )
+from rag_backup.engines import milvus as milvus_engine
 from rag_backup.engines import minio as minio_engine
 from rag_backup.engines import postgres as pg_engine
 from rag_backup.engines import redis as redis_engine
@@ -180,6 +182,55 @@ def remove_buckets(minio: MinioResource, restored: Restored) -> None:
         client.delete_bucket(Bucket=bucket)
 
 
+# -- Milvus --------------------------------------------------------------------------------
+
+def restore_milvus(repo: BackupRepository, record: BackupRecord, milvus: MilvusResource, *,
+                   production: bool, confirm: str, suffix: str, log) -> Restored:
+    """Production: every collection over itself (confirmed). Scratch: ``<name><suffix>``."""
+    started = time.monotonic()
+    names = sorted(record.manifest.fingerprint["collections"])
+    if production and confirm != ",".join(names):
+        raise ConfirmationRequired(f"restoring Milvus collections {names} in place drops them: "
+                                   f"set milvus_confirm to {','.join(names)!r}")
+    targets = {name: name if production else f"{name[:180]}{suffix}" for name in names}
+    report = milvus_engine.restore(repo, record, milvus.server(), targets=targets,
+                                   confirm=names if production else (), log=log)
+    return Restored("milvus", record.partition_key, record.backup_id,
+                    record.manifest.started_at, ", ".join(targets.values()),
+                    time.monotonic() - started, report.matches_manifest,
+                    {"rows": report.rows, "collections": len(targets)}, handle=targets)
+
+
+def drop_collections(milvus: MilvusResource, restored: Restored) -> None:
+    with milvus.server().session() as client:
+        for name in restored.handle.values():
+            client.drop_collection(name)
+
+
+def milvus_ids_without_documents(postgres: PostgresResource, database: str,
+                                 milvus: MilvusResource, restored: Restored) -> list[int]:
+    """Primary keys of the restored ``ministry_*`` collections with no ``documents`` row."""
+    conn = postgres.server().connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT id FROM documents")
+            documents = {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+    orphans: set[int] = set()
+    with milvus.server().session() as client:
+        for source, target in restored.handle.items():
+            if not source.startswith("ministry_"):
+                continue
+            iterator = client.query_iterator(target, batch_size=4096, output_fields=["id"])
+            try:
+                while batch := iterator.next():
+                    orphans.update(row["id"] for row in batch if row["id"] not in documents)
+            finally:
+                iterator.close()
+    return sorted(orphans)
+
+
 # -- consistency across stores -------------------------------------------------------------
 
 def referenced_objects_missing(postgres: PostgresResource, database: str,
@@ -248,6 +299,8 @@ class RestoreAllConfig(dg.Config):
                                "server (every db of the backup is flushed and replayed).")
     minio_confirm: str = Field(default="", description="Production: the comma-separated bucket "
                                "list of the snapshot (objects added since are removed).")
+    milvus_confirm: str = Field(default="", description="Production: the comma-separated "
+                                "collection list of the backup (each is replaced).")
     scratch_dir: str = Field(default="/tmp/rag-backup-restores", description="Scratch "
                              "restores of Redis: where the RDB is placed.")
     dry_run: bool = Field(default=False, description="Only report the chosen backups.")
@@ -256,7 +309,8 @@ class RestoreAllConfig(dg.Config):
 @dg.op(out=dg.Out(dict))
 def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
                        repository: BackupRepositoryResource, postgres: PostgresResource,
-                       redis: RedisResource, minio: MinioResource) -> dict:
+                       redis: RedisResource, minio: MinioResource,
+                       milvus: MilvusResource) -> dict:
     """Choose each store's backup for the point in time, report the set, and restore it."""
     repo = repository.open()
     stores = config.stores or list(RESTORERS)
@@ -280,7 +334,7 @@ def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
     summary: dict[str, Any] = {"chosen": {s: r.partition_key for s, r in chosen.items()},
                                "spread_s": spread_s(chosen)}
     if not config.dry_run:
-        resources = {"postgres": postgres, "redis": redis, "minio": minio}
+        resources = {"postgres": postgres, "redis": redis, "minio": minio, "milvus": milvus}
         results = [RESTORERS[store](repo, record, resources[store], config, context.log.info)
                    for store, record in chosen.items()]
         for r in results:
@@ -301,6 +355,9 @@ RESTORERS = {
     "redis": lambda repo, record, res, cfg, log: restore_redis(
         repo, record, res, production=cfg.into_production, confirm=cfg.redis_confirm,
         scratch_dir=cfg.scratch_dir, log=log),
+    "milvus": lambda repo, record, res, cfg, log: restore_milvus(
+        repo, record, res, production=cfg.into_production, confirm=cfg.milvus_confirm,
+        suffix=f"_pit_{_stamp()}", log=log),
     "minio": lambda repo, record, res, cfg, log: restore_minio(
         repo, record, res, production=cfg.into_production, confirm=cfg.minio_confirm,
         suffix=f"pit-{_stamp()}", log=log),
@@ -321,7 +378,7 @@ def restore_all_job():
           pool="restore_drill")
 def restore_drill(context: dg.AssetExecutionContext, repository: BackupRepositoryResource,
                   postgres: PostgresResource, redis: RedisResource,
-                  minio: MinioResource) -> dg.MaterializeResult:
+                  minio: MinioResource, milvus: MilvusResource) -> dg.MaterializeResult:
     """The monthly restore test, automated: the newest verified backup of every store restored
     into scratch targets, compared with its manifest, checked for consistency across stores,
     removed. Records each store's measured restore time (the RTO, plotted over time)."""
@@ -340,6 +397,10 @@ def restore_drill(context: dg.AssetExecutionContext, repository: BackupRepositor
                                        confirm="", suffix=f"drill-{_stamp()}",
                                        log=context.log.info)
         cleanup.callback(remove_buckets, minio, minio_restored)
+        milvus_restored = restore_milvus(repo, chosen["milvus"], milvus, production=False,
+                                         confirm="", suffix=f"_drill_{_stamp()}",
+                                         log=context.log.info)
+        cleanup.callback(drop_collections, milvus, milvus_restored)
         if "ragqa" in pg_restored.handle:
             missing = referenced_objects_missing(postgres, pg_restored.handle["ragqa"], repo,
                                                  chosen["minio"])
@@ -347,7 +408,13 @@ def restore_drill(context: dg.AssetExecutionContext, repository: BackupRepositor
             if missing:
                 problems.append(f"{len(missing)} object(s) referenced by documents are not in "
                                 f"the MinIO snapshot, e.g. {missing[:3]}")
-        for r in (pg_restored, redis_restored, minio_restored):
+            orphans = milvus_ids_without_documents(postgres, pg_restored.handle["ragqa"],
+                                                   milvus, milvus_restored)
+            metadata["vectors_without_document"] = dg.MetadataValue.int(len(orphans))
+            if orphans:
+                problems.append(f"{len(orphans)} Milvus id(s) have no documents row, e.g. "
+                                f"{orphans[:3]}")
+        for r in (pg_restored, redis_restored, minio_restored, milvus_restored):
             metadata[f"{r.store}_restore_s"] = dg.MetadataValue.float(round(r.seconds, 3))
             metadata[f"{r.store}_partition"] = dg.MetadataValue.text(r.partition_key)
             for name, value in r.counts.items():
