@@ -122,6 +122,14 @@ def unpack_binaries(cache_dir: Path) -> Path:
     return target / "bin"
 
 
+def _replace_once(text: str, pattern: str, replacement: str, what: str) -> str:
+    """Substitute the one line of the config template that ``pattern`` names, or fail."""
+    text, count = re.subn(pattern, replacement, text, count=1, flags=re.MULTILINE)
+    if count != 1:
+        raise DevStackError(f"milvus: config template has no {what}")
+    return text
+
+
 def render_config(template: str, values: dict[str, str], etcd_config: Path) -> str:
     """Fill the package's ``{{ name(type): default }}`` placeholders and pin addresses to loopback."""
 
@@ -138,38 +146,17 @@ def render_config(template: str, values: dict[str, str], etcd_config: Path) -> s
     # Every role advertises 127.0.0.1 instead of "the first unicastable address".
     text = re.sub(r"^(  ip:).*$", rf"\1 {HOST}", text, flags=re.MULTILINE)
     # The embedded etcd reads its listen URLs from this file (otherwise it takes 2379/2380).
-    text, count = re.subn(
-        r"^etcd:\n",
-        f"etcd:\n  config:\n    path: {etcd_config}\n",
-        text,
-        count=1,
-        flags=re.MULTILINE,
-    )
-    if count != 1:
-        raise DevStackError("milvus: config template has no top-level `etcd:` section")
+    text = _replace_once(text, r"^etcd:\n", f"etcd:\n  config:\n    path: {etcd_config}\n",
+                         "a top-level `etcd:` section")
     # On SIGTERM, 2.3 stops its coordinators before its nodes, and the nodes then retry the
     # coordinators until this timeout (1800 s by default): let it force-quit itself quickly.
-    text, count = re.subn(
-        r"^(  gracefulStopTimeout:) *\d+",
-        rf"\g<1> {GRACEFUL_STOP_S}",
-        text,
-        count=1,
-        flags=re.MULTILINE,
-    )
-    if count != 1:
-        raise DevStackError("milvus: config template has no common.gracefulStopTimeout")
+    text = _replace_once(text, r"^(  gracefulStopTimeout:) *\d+", rf"\g<1> {GRACEFUL_STOP_S}",
+                         "common.gracefulStopTimeout")
     # That stop is never clean (2.3.5 panics once its embedded etcd is closed), so the stopped
     # nodes' sessions stay in etcd until their lease runs out, and the next start waits for them
     # before it reloads the collections: a shorter lease makes a restart wait less (30 s default).
-    text, count = re.subn(
-        r"^(    ttl:) *\d+",
-        rf"\g<1> {SESSION_TTL_S}",
-        text,
-        count=1,
-        flags=re.MULTILINE,
-    )
-    if count != 1:
-        raise DevStackError("milvus: config template has no common.session.ttl")
+    text = _replace_once(text, r"^(    ttl:) *\d+", rf"\g<1> {SESSION_TTL_S}",
+                         "common.session.ttl")
     return text
 
 
