@@ -15,11 +15,21 @@ from rag_backup.repository import BackupRepository, FilesystemBackend
 ALL_SERVICES = ("postgres", "redis", "s3", "milvus")
 
 
+def session_services(session: pytest.Session) -> tuple[str, ...]:
+    """The services the collected tests need: a test module may name its own in
+    ``STACK_SERVICES`` (e.g. no Milvus for the PostgreSQL tests); otherwise all of them."""
+    wanted: set[str] = set()
+    for item in session.items:
+        wanted.update(getattr(item.module, "STACK_SERVICES", ALL_SERVICES))
+    return tuple(name for name in ALL_SERVICES if name in wanted) or ALL_SERVICES
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory,
+          request: pytest.FixtureRequest) -> Iterator[DevStack]:
     """The embedded stack, started and seeded once per session, stopped afterwards."""
     root = tmp_path_factory.mktemp("stack")
-    stack = DevStack(root=root, services=ALL_SERVICES)
+    stack = DevStack(root=root, services=session_services(request.session))
     try:
         stack.up(seed=True)
         yield stack

@@ -40,6 +40,8 @@ from rag_backup.repository import BackupRepository, S3Backend, Verification
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests.killing import kill_backup_while_writing
 
+STACK_SERVICES = ("postgres", "s3")  # the stores these tests need (see conftest)
+
 TODAY = utcnow().strftime("%Y-%m-%d")
 YESTERDAY = (utcnow() - timedelta(days=1)).strftime("%Y-%m-%d")
 WINDOW = timedelta(days=14)

@@ -25,6 +25,8 @@ from rag_backup.repository.manifest import utcnow
 from rag_backup_tests import pgutil
 from rag_backup_tests.killing import kill_backup_while_writing
 
+STACK_SERVICES = ("postgres",)  # the stores these tests need (see conftest)
+
 TODAY = utcnow().strftime("%Y-%m-%d")
 
 

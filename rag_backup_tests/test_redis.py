@@ -27,6 +27,8 @@ from rag_backup.repository import BackupOutcome, BackupRepository, Verification
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests.killing import kill_backup_while_writing
 
+STACK_SERVICES = ("redis",)  # the stores these tests need (see conftest)
+
 HOUR = utcnow().strftime("%Y-%m-%d-%H:00")
 TEST_DBS = (10, 11)
 

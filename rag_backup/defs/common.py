@@ -11,6 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.defs.partitions import TIMEZONE
+from rag_backup.engines.comparison import Comparison
 from rag_backup.errors import BackupNotFound, StoreUnreachable
 from rag_backup.repository import (
     BackupRecord,
@@ -181,3 +182,23 @@ def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, s
                 f"| {d.partition_key} | {d.backup_id} | "
                 f"{'delete' if d.delete else 'keep'} | {d.reason} |" for d in decisions)),
     })
+
+
+def comparison_metadata(comparison: Comparison, prefix: str = "") -> dict[str, Any]:
+    """A restore's comparison as metadata: ``matches_<what>`` is set by the caller; here the
+    numbers compared per aspect (plotted), what did not run, and every difference named."""
+    metadata: dict[str, Any] = {
+        f"{prefix}compared_{aspect}": dg.MetadataValue.int(n)
+        for aspect, n in sorted(comparison.compared.items())}
+    metadata[f"{prefix}differences"] = dg.MetadataValue.int(len(comparison.differences))
+    if comparison.differences:
+        rows = "\n".join(f"| {d.item} | {d.property} | {d.expected!r} | {d.actual!r} |"
+                         for d in comparison.differences[:50])
+        more = (f"\n\n... and {len(comparison.differences) - 50} more"
+                if len(comparison.differences) > 50 else "")
+        metadata[f"{prefix}differences_found"] = dg.MetadataValue.md(
+            "| item | property | backup | restored |\n|---|---|---|---|\n" + rows + more)
+    if comparison.not_run:
+        metadata[f"{prefix}not_compared"] = dg.MetadataValue.md("\n".join(
+            f"- **{aspect}**: {why}" for aspect, why in sorted(comparison.not_run.items())))
+    return metadata
