@@ -45,3 +45,8 @@ class InvalidRequest(RagBackupError):
 
 class CredentialsRejected(RagBackupError):
     """The store answered but refused the login: not transient, so never retried."""
+
+
+class StoreWentAway(ToolError, StoreUnreachable):
+    """A tool failed because its store went away mid-way (restart, connection reset): transient,
+    so retried like an unreachable store; the message still carries the tool's own text."""

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from rag_backup.errors import ToolError
+from rag_backup.errors import StoreWentAway, ToolError
 
 STDERR_TAIL_CHARS = 4000
 
@@ -21,6 +21,19 @@ def tail(text: str | bytes, limit: int = STDERR_TAIL_CHARS) -> str:
         text = text.decode("utf-8", errors="replace")
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def failure(what: str, tool: str, code: int, stderr: str,
+            transient: Sequence[str] = ()) -> ToolError:
+    """A tool's non-zero exit as an error carrying its stderr: ``StoreWentAway`` (retried)
+    when the stderr has one of the ``transient`` markers (the store went away mid-way),
+    ``ToolError`` (not retried) otherwise."""
+    text = f"{what}: {tool} exited with code {code}: {stderr or '(no stderr)'}"
+    lowered = stderr.lower()
+    if any(marker.lower() in lowered for marker in transient):
+        return StoreWentAway(f"{text} (the store went away during the operation: transient, "
+                             "retried)")
+    return ToolError(text)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -37,8 +50,10 @@ def run(
     timeout: float,
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
+    transient: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``argv`` to completion; raise ``ToolError`` naming ``what`` with the tool's stderr."""
+    """Run ``argv`` to completion; raise ``ToolError`` naming ``what`` with the tool's stderr
+    (``StoreWentAway`` when it has one of the ``transient`` markers)."""
     try:
         proc = subprocess.run(
             list(argv),
@@ -54,8 +69,7 @@ def run(
     except FileNotFoundError as exc:
         raise ToolError(f"{what}: {argv[0]} is not installed or not on PATH ({exc})") from exc
     if proc.returncode != 0:
-        raise ToolError(f"{what}: {argv[0]} exited with code {proc.returncode}: "
-                        f"{tail(proc.stderr) or '(no stderr)'}")
+        raise failure(what, argv[0], proc.returncode, tail(proc.stderr), transient)
     return proc
 
 
@@ -72,6 +86,7 @@ class StreamingProcess:
     env: Mapping[str, str] | None = None
     stdin: bool = False
     stdout: bool | IO[bytes] = True
+    transient: Sequence[str] = ()  # stderr markers of a store that went away (retried)
     proc: subprocess.Popen[bytes] = field(init=False)
     timed_out: bool = field(init=False, default=False)
     _stderr: bytearray = field(init=False, default_factory=bytearray)
@@ -139,8 +154,7 @@ class StreamingProcess:
             raise ToolError(f"{self.what}: {self.argv[0]} did not finish within "
                             f"{self.timeout:.0f} s; stderr: {self.stderr_text or '(empty)'}")
         if code != 0:
-            raise ToolError(f"{self.what}: {self.argv[0]} exited with code {code}: "
-                            f"{self.stderr_text or '(no stderr)'}")
+            raise failure(self.what, self.argv[0], code, self.stderr_text, self.transient)
         return code
 
     def abort(self) -> None:

@@ -239,6 +239,48 @@ def test_wrong_password_and_unreachable_server_are_clear_and_change_nothing(rs, 
     assert repo.backend.list_children(f"redis/{HOUR}") == []
 
 
+def test_a_server_that_cuts_the_transfer_is_retried_and_changes_nothing(rs, repo):
+    """The replica link killed by the server mid-backup (as a restart does) is transient:
+    StoreWentAway, which the assets retry like an unreachable server; redis-cli's own words are
+    in the message; nothing is committed."""
+    import threading
+
+    from rag_backup.defs.common import retry_when_unreachable
+    from rag_backup.errors import StoreWentAway
+
+    admin = rs.client()
+    delay = admin.config_get("repl-diskless-sync-delay")["repl-diskless-sync-delay"]
+    admin.config_set("repl-diskless-sync-delay", 3)  # the replica waits: time to cut it
+    outcome: dict = {}
+
+    def take() -> None:
+        try:
+            with repo.begin("redis", HOUR, "t") as pending:
+                engine.backup(rs, pending)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=take)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not admin.client_list(_type="replica"):
+            assert worker.is_alive() and time.monotonic() < deadline, "no replica link seen"
+            time.sleep(0.02)
+        assert admin.client_kill_filter(_type="replica") >= 1
+        worker.join(timeout=60)
+    finally:
+        admin.config_set("repl-diskless-sync-delay", delay)
+        admin.close()
+    error = outcome.get("error")
+    assert isinstance(error, StoreWentAway), error
+    assert isinstance(error, StoreUnreachable)
+    assert "redis-cli --rdb from Redis" in str(error) and "SYNC" in str(error)
+    assert repo.get("redis", HOUR) is None
+    with pytest.raises(dg.RetryRequested), retry_when_unreachable():
+        raise error
+
+
 def test_a_killed_backup_leaves_the_previous_backup_intact(rs, repo, repo_dir):
     c = rs.client(13)
     c.flushdb()

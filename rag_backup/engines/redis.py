@@ -219,11 +219,22 @@ def fingerprint_rdb(rdb: Path, *, binary: str | None = None,
 
 # -- backup --------------------------------------------------------------------------------
 
+# redis-cli's words for a server that went away during the transfer (restart, killed link):
+# transient, so the backup is retried; anything else (a refused login, a full disk) is not.
+REDIS_CLI_TRANSIENT = (
+    "Error reading bulk length while SYNCing", "I/O error", "Connection reset by peer",
+    "Server closed the connection", "Could not connect to Redis", "Connection refused",
+    "Error reading RDB", "Broken pipe",
+)
+
+
 def fetch_rdb(server: RedisServer, dest: Path, *, timeout_s: float) -> None:
-    """``redis-cli --rdb``: the server's RDB as a replica receives it, into ``dest``."""
+    """``redis-cli --rdb``: the server's RDB as a replica receives it, into ``dest``. A
+    transfer cut by the server is ``StoreWentAway`` (retried)."""
     proc = StreamingProcess([_binary("redis-cli"), *server.cli_args(), "--rdb", str(dest)],
                             what=f"redis-cli --rdb from {server.describe()}",
-                            timeout=timeout_s, env=server.cli_env(), stdout=False)
+                            timeout=timeout_s, env=server.cli_env(), stdout=False,
+                            transient=REDIS_CLI_TRANSIENT)
     try:
         proc.wait()
     except BaseException:
