@@ -67,7 +67,7 @@ def unique(prefix: str) -> str:
 @pytest.fixture(scope="module")
 def ms(stack, stack_env) -> engine.MilvusServer:
     return engine.MilvusServer(stack_env["RAG_MILVUS_URI"], stack_env["RAG_MILVUS_TOKEN"],
-                               storage_root=str(stack.root / "milvus" / "data"))
+                               storage_root=stack_env["RAG_MILVUS_STORAGE_ROOT"])
 
 
 @pytest.fixture(scope="module")

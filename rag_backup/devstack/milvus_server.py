@@ -276,7 +276,10 @@ class MilvusService(Service):
                 client.close()
 
     def env(self) -> dict[str, str]:
-        return {"RAG_MILVUS_URI": self.uri, "RAG_MILVUS_TOKEN": ""}
+        # localStorage.path of this server: where its binlogs are, for auto_id restores that
+        # keep their ids (Milvus's backup-mode bulk import reads them there).
+        return {"RAG_MILVUS_URI": self.uri, "RAG_MILVUS_TOKEN": "",
+                "RAG_MILVUS_STORAGE_ROOT": str(self.data_dir)}
 
     def describe(self) -> str:
         return f"port {self.port}, etcd {self.ports.get('etcd')}, metrics {self.ports.get('metrics')}"

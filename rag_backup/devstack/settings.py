@@ -35,7 +35,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
         "RAG_S3_SECRET_KEY",
         "RAG_S3_REGION",
     ),
-    "milvus": ("RAG_MILVUS_URI", "RAG_MILVUS_TOKEN"),
+    "milvus": ("RAG_MILVUS_URI", "RAG_MILVUS_TOKEN", "RAG_MILVUS_STORAGE_ROOT"),
     "stack": ("RAG_BACKUP_REPOSITORY", "DAGSTER_HOME"),
 }
 SECRET_ENV_NAMES = frozenset(
