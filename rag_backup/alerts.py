@@ -26,7 +26,8 @@ SEND_TIMEOUT_S = 20
 class Alert:
     """One thing an operator must know: what happened, where, and the details."""
 
-    kind: str  # backup_failed | rpo_breached | rpo_recovered | catchup_requested
+    kind: str  # backup_failed | run_failed | rpo_breached | rpo_recovered | rpo_check_failed |
+    #            backup_damaged
     title: str
     text: str
     store: str | None = None

@@ -22,6 +22,7 @@ from rag_backup.repository import BackupOutcome, BackupRepository, Verification
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests.receivers import free_port, smtp_server, webhook_server
 
+STACK_SERVICES = ("postgres",)  # only the failed-run test starts a store
 POLICIES = [pg_defs.POLICY, redis_defs.POLICY]
 
 

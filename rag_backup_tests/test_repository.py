@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import timedelta
 
 import boto3
 import pytest
 
-from rag_backup.errors import IntegrityError, InvalidRequest, StoreUnreachable
+from rag_backup.errors import (
+    BackupNotFound,
+    ConcurrentBackup,
+    DamagedBackup,
+    IntegrityError,
+    InvalidRequest,
+    RepositoryUnavailable,
+    StoreUnreachable,
+)
 from rag_backup.repository import (
     BackupOutcome,
     BackupRepository,
@@ -17,8 +26,11 @@ from rag_backup.repository import (
     Verification,
     backend_from_url,
 )
-from rag_backup.repository.backends import safe_key
+from rag_backup.repository.backends import TMP_MARKER, safe_key
 from rag_backup.repository.manifest import utcnow
+from rag_backup_tests.receivers import free_port
+
+STACK_SERVICES = ("s3",)  # the S3 backend's tests; the filesystem ones need no store
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +42,10 @@ def s3_client(stack_env):
 
 
 @pytest.fixture(params=["filesystem", "s3"])
-def any_repo(request, tmp_path, s3_client) -> BackupRepository:
+def any_repo(request, tmp_path) -> BackupRepository:
     if request.param == "filesystem":
         return BackupRepository(FilesystemBackend(tmp_path / "repo"))
+    s3_client = request.getfixturevalue("s3_client")
     bucket = f"repo-{uuid.uuid4().hex[:10]}"
     s3_client.create_bucket(Bucket=bucket)
     return BackupRepository(S3Backend(s3_client, bucket, prefix="rag-backup"))
@@ -126,3 +139,178 @@ def test_an_unreachable_s3_repository_is_a_clear_error():
     with pytest.raises(StoreUnreachable, match="s3://backups at http://127.0.0.1:9"):
         backend_from_url("s3://backups/x", s3_endpoint="http://127.0.0.1:9",
                          s3_access_key="a", s3_secret_key="b")
+
+
+# -- damaged records ----------------------------------------------------------------------------
+
+def test_every_damaged_record_names_its_file_and_the_parse_error(any_repo):
+    good = write_backup(any_repo, "2026-11-19", b"good")
+    any_repo.record_verification("teststore", "2026-11-19",
+                                 Verification(good.backup_id, True, utcnow(), "r"))
+    write_backup(any_repo, "2026-11-20", b"broken manifest")
+    m = write_backup(any_repo, "2026-11-21", b"broken verification")
+    raw = any_repo.backend.read_bytes("teststore/2026-11-20/manifest.json")
+    any_repo.backend.write_bytes("teststore/2026-11-20/manifest.json", raw[: len(raw) // 2])
+    any_repo.backend.write_bytes("teststore/2026-11-21/verification.json", b'{"backup_id": ')
+    any_repo.delete("teststore", "2026-11-19", "retention: test")
+    any_repo.backend.write_bytes("teststore/2026-11-19/tombstone.json", b"[1, 2")
+
+    listing = any_repo.scan("teststore")
+    assert listing.backups == []
+    [bad_manifest, bad_verification] = listing.damaged
+    manifest_file = any_repo.backend.location("teststore/2026-11-20/manifest.json")
+    assert (bad_manifest.partition_key, bad_manifest.kind, bad_manifest.file) == (
+        "2026-11-20", "manifest", manifest_file)
+    assert bad_manifest.error.startswith("JSONDecodeError: ")
+    assert bad_verification.kind == "verification record"
+    assert bad_verification.file.endswith("teststore/2026-11-21/verification.json")
+    assert bad_verification.backup_id == m.backup_id
+    # the listing API of old still works: the readable manifest is listed, not verified
+    assert [(r.partition_key, r.verified) for r in any_repo.list_backups("teststore")] == [
+        ("2026-11-21", False)]
+
+    with pytest.raises(DamagedBackup, match="2026-11-20 is DAMAGED") as exc:
+        any_repo.resolve("teststore", "2026-11-20")
+    assert exc.value.file == manifest_file and manifest_file in str(exc.value)
+    assert "JSONDecodeError" in str(exc.value)
+    with pytest.raises(DamagedBackup, match=r"verification record .*verification\.json cannot "
+                                            r"be read \(JSONDecodeError"):
+        any_repo.resolve("teststore", "2026-11-21")
+    with pytest.raises(DamagedBackup, match=r"tombstone .*tombstone\.json is unreadable"):
+        any_repo.resolve("teststore", "2026-11-19")
+    with pytest.raises(BackupNotFound, match=r"2 DAMAGED partition\(s\) skipped: 2026-11-20"):
+        any_repo.resolve("teststore", "latest")
+
+    # re-verifying repairs a damaged verification record
+    any_repo.record_verification("teststore", "2026-11-21",
+                                 Verification(m.backup_id, True, utcnow(), "r2"))
+    assert any_repo.resolve("teststore", "latest").backup_id == m.backup_id
+    assert [d.partition_key for d in any_repo.damaged("teststore")] == ["2026-11-20"]
+
+
+def test_a_manifest_filed_under_another_partition_is_damaged(any_repo):
+    write_backup(any_repo, "2026-11-20", b"x")
+    raw = any_repo.backend.read_bytes("teststore/2026-11-20/manifest.json")
+    any_repo.backend.write_bytes("teststore/2026-11-22/manifest.json", raw)
+    [damage] = any_repo.damaged("teststore")
+    assert damage.partition_key == "2026-11-22"
+    assert "describes teststore partition 2026-11-20" in damage.error
+
+
+# -- two writers on one partition (no pool) ------------------------------------------------------
+
+def test_a_second_writer_never_deletes_the_first_ones_files(any_repo):
+    old = write_backup(any_repo, "2026-11-20", b"old")
+    part = "teststore/2026-11-20"
+    with pytest.raises(ConcurrentBackup) as lost:
+        with any_repo.begin("teststore", "2026-11-20", "run-A") as a:
+            with a.artifact("one.bin") as out:
+                out.write(b"A's first artifact")
+            [marker] = any_repo.in_progress("teststore", "2026-11-20")
+            assert (marker.run_id, marker.backup_id, marker.replaces) == (
+                "run-A", a.backup_id, old.backup_id)
+            with any_repo.begin("teststore", "2026-11-20", "run-B") as b:
+                with b.artifact("data.bin") as out:
+                    out.write(b"B's backup")
+                b_manifest = b.commit(BackupOutcome({"rows": 1}, {}, "x"))
+            children = any_repo.backend.list_children(part)
+            assert a.backup_id in children  # B's commit left A's work alone ...
+            assert old.backup_id not in children  # ... and removed the backup it replaced
+            assert any_repo.backend.read_bytes(f"{a.prefix}/one.bin") == b"A's first artifact"
+            with a.artifact("two.bin") as out:  # A goes on writing
+                out.write(b"A's second artifact")
+            a.commit(BackupOutcome({"rows": 2}, {}, "x"))
+    message = str(lost.value)
+    assert f"run run-B committed backup {b_manifest.backup_id}" in message
+    assert "this run (run-A" in message and "did not commit" in message
+    record = any_repo.get("teststore", "2026-11-20")
+    assert record.backup_id == b_manifest.backup_id
+    chunks = []
+    any_repo.stream_artifact(record, record.manifest.artifacts[0], chunks.append)
+    assert b"".join(chunks) == b"B's backup"
+    assert any_repo.backend.list_children(part) == sorted(["manifest.json", b_manifest.backup_id])
+    assert any_repo.in_progress("teststore", "2026-11-20") == []
+
+
+def test_the_first_to_commit_wins_and_the_late_one_names_it(any_repo):
+    with any_repo.begin("teststore", "2026-11-20", "run-A") as a:
+        with a.artifact("data.bin") as out:
+            out.write(b"A")
+        with pytest.raises(ConcurrentBackup, match="run run-A committed backup"):
+            with any_repo.begin("teststore", "2026-11-20", "run-B") as b:
+                with b.artifact("data.bin") as out:
+                    out.write(b"B")
+                a.commit(BackupOutcome({}, {}, "x"))
+                b.commit(BackupOutcome({}, {}, "x"))
+    assert any_repo.get("teststore", "2026-11-20").backup_id == a.backup_id
+    assert any_repo.backend.list_children("teststore/2026-11-20") == sorted(
+        ["manifest.json", a.backup_id])
+
+
+# -- what dead runs leave behind -------------------------------------------------------------
+
+def test_stale_uploads_temporaries_and_abandoned_backups_are_collected(any_repo):
+    current = write_backup(any_repo, "2026-11-20", b"current")
+    backend = any_repo.backend
+    dead = any_repo.begin("teststore", "2026-11-20", "run-dead")
+    pending = dead.__enter__()  # a run that died (kill -9): never exits the block
+    with pending.artifact("half.bin") as out:
+        out.write(b"written before it died")
+    live = any_repo.begin("teststore", "2026-11-21", "run-live")
+    live_pending = live.__enter__()
+    with live_pending.artifact("a.bin") as out:
+        out.write(b"still being written")
+    upload_key = None
+    if isinstance(backend, S3Backend):  # an incomplete multipart upload of the dead run
+        full = backend._key(f"{pending.prefix}/big.bin")
+        upload = backend.client.create_multipart_upload(Bucket=backend.bucket, Key=full)
+        backend.client.upload_part(Bucket=backend.bucket, Key=full, PartNumber=1,
+                                   UploadId=upload["UploadId"], Body=b"p" * 1024)
+        upload_key = f"{pending.prefix}/big.bin"
+    else:  # a temporary file of an interrupted write
+        (backend.local_path(pending.prefix) / f"big.bin{TMP_MARKER}dead").write_bytes(b"t")
+    backend.write_bytes("objectstore/tmp/20261120-dead", b"engine temporary")
+
+    now = utcnow()
+    assert any_repo.collect_stale_writes("teststore", now=now) == []  # young: kept
+    assert any_repo.collect_abandoned_backups("teststore", now=now) == []
+    later = now + timedelta(hours=13)
+    stale = any_repo.collect_stale_writes("teststore", now=later, dry_run=True)
+    assert [s.kind for s in stale] == ["multipart upload" if upload_key else "temporary file"]
+    stale = any_repo.collect_stale_writes("teststore", now=later)
+    if upload_key:
+        assert list(backend.list_incomplete_uploads("teststore")) == []
+        assert stale[0].location == backend.location(upload_key)
+    tmp = any_repo.collect_stale_writes("objectstore/tmp", now=later, all_temporary=True)
+    assert [s.location for s in tmp] == [backend.location("objectstore/tmp/20261120-dead")]
+    assert backend.list_children("objectstore/tmp") == []
+
+    abandoned = any_repo.collect_abandoned_backups("teststore", now=later)
+    assert {s.location for s in abandoned} == {backend.location(pending.prefix),
+                                                backend.location(live_pending.prefix)}
+    assert backend.list_children("teststore/2026-11-20") == sorted(
+        ["manifest.json", current.backup_id])
+    assert any_repo.get("teststore", "2026-11-20").backup_id == current.backup_id
+    for block in (dead, live):
+        block.__exit__(None, None, None)
+
+
+def test_an_unreachable_s3_repository_names_operation_location_store_and_partition(
+        monkeypatch):
+    import botocore.config
+
+    port = free_port()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",
+                          aws_access_key_id="a", aws_secret_access_key="b",
+                          region_name="us-east-1",
+                          config=botocore.config.Config(retries={"max_attempts": 1}))
+    backend = S3Backend(client, "backups", prefix="rag")
+    with pytest.raises(RepositoryUnavailable) as exc:
+        backend.write_bytes("postgres/2026-11-20/x/manifest.json", b"{}")
+    err = exc.value
+    assert err.transient and err.store == "postgres" and err.partition == "2026-11-20"
+    assert err.location == "s3://backups/rag/postgres/2026-11-20/x/manifest.json"
+    assert str(err).startswith("backup repository unreachable: write s3://backups/rag/postgres"
+                               f"/2026-11-20/x/manifest.json at http://127.0.0.1:{port} "
+                               "(store postgres, partition 2026-11-20) failed: "
+                               "EndpointConnectionError")

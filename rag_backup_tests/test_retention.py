@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag_backup.errors import BackupExpired, InvalidRequest
+from rag_backup.repository import DamagedRecord
 from rag_backup.repository.retention import (
     RetentionCandidate,
+    damaged_decision,
     ensure_within_window,
     partition_start,
     plan_retention,
@@ -88,3 +90,28 @@ def test_a_partition_outside_the_window_is_refused_with_the_reason():
     ensure_within_window("postgres", "2026-11-01", now=NOW, window=timedelta(days=30))
     with pytest.raises(BackupExpired, match="outside the 30.0 days retention window"):
         ensure_within_window("postgres", "2026-10-01", now=NOW, window=timedelta(days=30))
+
+
+def damage(partition_key: str, kind: str = "manifest") -> DamagedRecord:
+    return DamagedRecord("postgres", partition_key, kind, f"/repo/postgres/{partition_key}/"
+                         "manifest.json", "JSONDecodeError: Expecting value: line 1 column 1")
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_damaged_backup_inside_the_window_is_kept_and_reported(flag):
+    d = damaged_decision(damage("2026-11-20"), now=NOW, window=timedelta(days=30),
+                         delete_past_window=flag)
+    assert (d.delete, d.damaged, d.backup_id) == (False, True, "unknown (manifest damaged)")
+    assert d.reason.startswith("DAMAGED: its manifest /repo/postgres/2026-11-20/manifest.json "
+                               "cannot be read (JSONDecodeError: Expecting value")
+    assert "left for an operator" in d.reason
+
+
+def test_a_damaged_backup_past_the_window_is_removed_only_when_asked_saying_so():
+    old = damage("2026-09-01")
+    kept = damaged_decision(old, now=NOW, window=timedelta(days=30))
+    assert not kept.delete and "older than the 30.0 days window" in kept.reason
+    assert "delete_damaged_past_window" in kept.reason
+    removed = damaged_decision(old, now=NOW, window=timedelta(days=30), delete_past_window=True)
+    assert removed.delete and removed.damaged
+    assert "removed (delete_damaged_past_window is set)" in removed.reason

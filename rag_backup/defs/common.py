@@ -12,13 +12,15 @@ from pydantic import Field
 
 from rag_backup.defs.partitions import TIMEZONE
 from rag_backup.engines.comparison import Comparison
-from rag_backup.errors import BackupNotFound, StoreUnreachable
+from rag_backup.errors import BackupNotFound, RepositoryError, StoreUnreachable
 from rag_backup.repository import (
+    DEFAULT_STALE_AGE,
     BackupRecord,
     BackupRepository,
     Manifest,
     PendingBackup,
     RetentionDecision,
+    StaleWrite,
     Verification,
 )
 from rag_backup.repository.manifest import utcnow
@@ -26,6 +28,9 @@ from rag_backup.repository.retention import ensure_within_window
 
 UNREACHABLE_RETRIES = 3
 UNREACHABLE_WAIT_S = 30
+# Stores whose backups share content-addressed files outside their partitions: their garbage
+# collection must not run while a manifest (the list of what is referenced) is unreadable.
+SHARED_CONTENT_STORES = frozenset({"minio"})
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,22 @@ class StorePolicy:
     backup_asset: dg.AssetKey
 
 
+def is_transient(exc: BaseException) -> bool:
+    """An unreachable store or a transient repository failure (connection, timeout, 5xx)."""
+    return isinstance(exc, StoreUnreachable) or (isinstance(exc, RepositoryError)
+                                                 and exc.transient)
+
+
 @contextmanager
 def retry_when_unreachable() -> Iterator[None]:
-    """Turn a transient connection failure into a Dagster retry with backoff; nothing else."""
+    """Turn a transient failure (an unreachable store, a repository connection, timeout or
+    5xx) into a Dagster retry with backoff; nothing else (a full disk, refused credentials or a
+    damaged backup are not retried)."""
     try:
         yield
-    except StoreUnreachable as exc:
+    except (StoreUnreachable, RepositoryError) as exc:
+        if not is_transient(exc):
+            raise
         raise dg.RetryRequested(max_retries=UNREACHABLE_RETRIES,
                                 seconds_to_wait=UNREACHABLE_WAIT_S) from exc
 
@@ -71,14 +86,25 @@ def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, sto
     backup) into a pending backup, commit it, and report its metadata.
 
     ``take`` returns an outcome with ``fingerprint``, ``tool_versions`` and ``server_version``;
-    ``counts`` turns it into the numbers the UI plots. Unreachable stores are retried."""
+    ``counts`` turns it into the numbers the UI plots. Unreachable stores and transient
+    repository failures are retried; a clean-up failure never hides the error that caused it.
+    A run that loses a race with another writer of the partition fails with
+    ``ConcurrentBackup`` naming that run; neither run's files are deleted by the other."""
     key = context.partition_key
     ensure_within_window(store, key, now=utcnow(), window=window, tz=TIMEZONE)
-    with retry_when_unreachable(), repo.begin(store, key, context.run.run_id) as pending:
-        outcome = take(pending)
-        manifest = pending.commit(outcome)
-    record = repo.get(store, key)
-    assert record is not None and record.backup_id == manifest.backup_id
+    with retry_when_unreachable():
+        with repo.begin(store, key, context.run.run_id) as pending:
+            outcome = take(pending)
+            manifest = pending.commit(outcome)
+        record = repo.get(store, key)
+    if record is None or record.backup_id != manifest.backup_id:
+        raise RepositoryError(f"{store} partition {key}: backup {manifest.backup_id} was "
+                              "committed but the repository now holds "
+                              f"{record.backup_id if record else 'nothing'} for it: another "
+                              "writer replaced or deleted it at once; check for a second "
+                              "instance running this job", operation="commit",
+                              location=repo.backend.location(f"{store}/{key}"), store=store,
+                              partition=key)
     metadata = backup_metadata(manifest, record.location, **counts(outcome))
     metadata["server_version"] = dg.MetadataValue.text(outcome.server_version)
     return dg.MaterializeResult(metadata=metadata)
@@ -114,6 +140,15 @@ def verify_and_record(context: dg.AssetExecutionContext, repo: BackupRepository,
 class RetentionConfig(dg.Config):
     dry_run: bool = Field(default=False, description="Report what would be deleted; delete "
                                                      "nothing.")
+    stale_after_hours: float = Field(
+        default=DEFAULT_STALE_AGE.total_seconds() / 3600, gt=0,
+        description="Longer than the longest backup: incomplete multipart uploads, temporary "
+                    "files and uncommitted backup directories older than this belong to runs "
+                    "that died and are removed.")
+    delete_damaged_past_window: bool = Field(
+        default=False, description="Remove DAMAGED backups (unreadable manifest or "
+                                   "verification record) once older than the retention window. "
+                                   "Off: they are kept and reported for an operator.")
 
 
 def mark_partitions_deleted(instance: dg.DagsterInstance, asset_keys: tuple[dg.AssetKey, ...],
@@ -159,29 +194,96 @@ def _unindex_partitions(instance: dg.DagsterInstance, key: dg.AssetKey,
             AssetKeyTable.c.asset_key == key.to_string()).values(cached_status_data=None))
 
 
+def retention_settings(context: dg.AssetExecutionContext, config: RetentionConfig | None
+                       ) -> RetentionConfig:
+    """The retention asset's config: given, or read from the step's run config (assets that
+    pass only ``dry_run`` still get the other fields)."""
+    if config is not None:
+        return config
+    try:
+        raw = dict(context.op_execution_context.op_config or {})
+    except Exception:  # noqa: BLE001 - no config on this step: defaults
+        raw = {}
+    return RetentionConfig(**{k: v for k, v in raw.items() if k in RetentionConfig.model_fields})
+
+
+def temporary_prefixes(store: str) -> tuple[str, ...]:
+    """Repository areas outside the store's partitions where its engine writes temporaries."""
+    if store == "minio":
+        from rag_backup.engines.minio import TMP_PREFIX
+
+        return (TMP_PREFIX,)
+    return ()
+
+
+def collect_stale(repo: BackupRepository, store: str, *, older_than: timedelta,
+                  dry_run: bool) -> list[StaleWrite]:
+    """What dead runs of ``store`` left behind: multipart uploads, temporary files, uncommitted
+    backup directories; and the engine's temporaries (MinIO's ``objectstore/tmp``)."""
+    now = utcnow()
+    found = repo.collect_stale_writes(store, now=now, older_than=older_than, dry_run=dry_run)
+    found += repo.collect_abandoned_backups(store, now=now, older_than=older_than,
+                                            dry_run=dry_run)
+    for prefix in temporary_prefixes(store):
+        found += repo.collect_stale_writes(prefix, now=now, older_than=older_than,
+                                           dry_run=dry_run, all_temporary=True)
+    return found
+
+
 def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,
                     window: timedelta, dry_run: bool,
-                    asset_keys: tuple[dg.AssetKey, ...]) -> dg.MaterializeResult:
-    """Delete expired backups (never the newest verified one) and wipe their partitions from
-    the listed assets, so the UI stops showing them as present."""
-    decisions = repo.apply_retention(store, now=utcnow(), window=window, dry_run=dry_run,
-                                     tz=TIMEZONE)
+                    asset_keys: tuple[dg.AssetKey, ...],
+                    config: RetentionConfig | None = None) -> dg.MaterializeResult:
+    """Delete expired backups (never the newest verified one), wipe their partitions from the
+    listed assets so the UI stops showing them as present, report DAMAGED backups (kept for an
+    operator unless ``delete_damaged_past_window``), and collect what dead runs left behind
+    (older than ``stale_after_hours``). Transient repository failures are retried."""
+    settings = retention_settings(context, config)
+    with retry_when_unreachable():
+        decisions = repo.apply_retention(
+            store, now=utcnow(), window=window, dry_run=dry_run, tz=TIMEZONE,
+            delete_damaged_past_window=settings.delete_damaged_past_window)
+        stale = collect_stale(repo, store, dry_run=dry_run,
+                              older_than=timedelta(hours=settings.stale_after_hours))
     deleted = [d for d in decisions if d.delete]
+    damaged = [d for d in decisions if d.damaged]
     for d in decisions:
         verb = ("would delete" if dry_run else "deleted") if d.delete else "kept"
-        context.log.info(f"{store} {d.partition_key} ({d.backup_id}): {verb}: {d.reason}")
+        message = f"{store} {d.partition_key} ({d.backup_id}): {verb}: {d.reason}"
+        (context.log.warning if d.damaged else context.log.info)(message)
+    stale_verb = "would remove" if dry_run else "removed"
+    for item in stale:
+        context.log.info(f"{store}: {stale_verb} stale {item.describe()}")
     if deleted and not dry_run:
         mark_partitions_deleted(context.instance, asset_keys, deleted)
-    return dg.MaterializeResult(metadata={
+    metadata = {
         "dry_run": dg.MetadataValue.bool(dry_run),
         "backups_kept": dg.MetadataValue.int(len(decisions) - len(deleted)),
         "backups_deleted": dg.MetadataValue.int(0 if dry_run else len(deleted)),
         "backups_expired": dg.MetadataValue.int(len(deleted)),
+        "backups_damaged": dg.MetadataValue.int(len(damaged)),
+        "stale_writes_collected": dg.MetadataValue.int(0 if dry_run else len(stale)),
         "decisions": dg.MetadataValue.md(
             "| partition | backup | action | reason |\n|---|---|---|---|\n" + "\n".join(
                 f"| {d.partition_key} | {d.backup_id} | "
-                f"{'delete' if d.delete else 'keep'} | {d.reason} |" for d in decisions)),
-    })
+                f"{'delete' if d.delete else ('keep (DAMAGED)' if d.damaged else 'keep')} | "
+                f"{d.reason} |" for d in decisions)),
+    }
+    if stale:
+        metadata["stale_writes"] = dg.MetadataValue.md("\n".join(
+            f"- {stale_verb}: {item.describe()}" for item in stale[:50]))
+    unreadable = [d for d in damaged
+                  if not d.delete and d.reason.startswith("DAMAGED: its manifest ")]
+    if store in SHARED_CONTENT_STORES and unreadable and not dry_run:
+        first = unreadable[0]
+        raise RepositoryError(
+            f"{store} retention applied ({len(deleted)} deleted), but garbage collection of "
+            f"shared files is refused while {len(unreadable)} manifest(s) are DAMAGED, e.g. "
+            f"partition {first.partition_key}: {first.reason}. The files they reference are "
+            f"unknown. Re-run {store}_backup for that partition, or remove the damaged backup "
+            "(retention with delete_damaged_past_window once it is past the window).",
+            operation="retention", store=store, partition=first.partition_key)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def comparison_metadata(comparison: Comparison, prefix: str = "") -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from rag_backup.repository.backends import (
     Backend,
     FilesystemBackend,
+    IncompleteUpload,
     S3Backend,
     backend_from_url,
 )
@@ -10,15 +11,25 @@ from rag_backup.repository.manifest import (
     Artifact,
     BackupOutcome,
     Manifest,
+    PendingMarker,
     Tombstone,
     Verification,
 )
-from rag_backup.repository.repository import LATEST, BackupRecord, BackupRepository, PendingBackup
+from rag_backup.repository.repository import (
+    DEFAULT_STALE_AGE,
+    LATEST,
+    BackupRecord,
+    BackupRepository,
+    DamagedRecord,
+    PendingBackup,
+    RepositoryListing,
+    StaleWrite,
+)
 from rag_backup.repository.retention import RetentionDecision, plan_retention
 
 __all__ = [
-    "LATEST", "Artifact", "Backend", "BackupOutcome", "BackupRecord", "BackupRepository",
-    "FilesystemBackend",
-    "Manifest", "PendingBackup", "RetentionDecision", "S3Backend", "Tombstone", "Verification",
-    "backend_from_url", "plan_retention",
+    "DEFAULT_STALE_AGE", "LATEST", "Artifact", "Backend", "BackupOutcome", "BackupRecord",
+    "BackupRepository", "DamagedRecord", "FilesystemBackend", "IncompleteUpload", "Manifest",
+    "PendingBackup", "PendingMarker", "RepositoryListing", "RetentionDecision", "S3Backend",
+    "StaleWrite", "Tombstone", "Verification", "backend_from_url", "plan_retention",
 ]

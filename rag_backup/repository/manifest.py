@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from rag_backup.errors import IntegrityError
+from rag_backup.errors import DamagedBackup
 
 FORMAT_VERSION = 1
 
@@ -18,6 +18,30 @@ def utcnow() -> datetime:
 
 def _ts(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat()
+
+
+def _aware(value: Any, name: str) -> datetime:
+    parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    if parsed is None:
+        raise ValueError(f"{name} is {value!r}, not an ISO timestamp")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def load_record(data: bytes, what: str, where: str) -> dict[str, Any]:
+    """Parse one JSON record of the repository; an unreadable one raises ``DamagedBackup``
+    naming the file and the parse error."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise damaged(what, where, exc) from exc
+    if not isinstance(doc, dict):
+        raise damaged(what, where, ValueError(f"a JSON {type(doc).__name__}, not an object"))
+    return doc
+
+
+def damaged(what: str, where: str, exc: BaseException | str) -> DamagedBackup:
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return DamagedBackup(f"{what} {where} is unreadable: {text}", file=where, error=text)
 
 
 @dataclass(frozen=True)
@@ -61,23 +85,33 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parse a manifest; an unreadable or invalid one raises ``DamagedBackup`` (an
+        ``IntegrityError``) naming ``where`` and the parse error."""
+        doc = load_record(data, "manifest", where)
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise damaged("manifest", where, f"format_version {doc.get('format_version')!r}; "
+                          f"this version reads {FORMAT_VERSION}")
         try:
-            doc = json.loads(data)
-            if doc.get("format_version") != FORMAT_VERSION:
-                raise IntegrityError(f"manifest {where} has format_version "
-                                     f"{doc.get('format_version')!r}; this version reads "
-                                     f"{FORMAT_VERSION}")
+            artifacts = tuple(Artifact(**a) for a in doc["artifacts"])
+            for a in artifacts:
+                if not (isinstance(a.path, str) and isinstance(a.size, int)
+                        and isinstance(a.sha256, str) and len(a.sha256) == 64):
+                    raise ValueError(f"artifact {a.path!r} has no valid path, size and sha256")
+            for name in ("store", "partition_key", "backup_id", "run_id", "server_version"):
+                if not isinstance(doc[name], str) or (name != "server_version" and not doc[name]):
+                    raise ValueError(f"{name} is {doc[name]!r}")
+            if "/" in doc["backup_id"] or doc["backup_id"] in (".", ".."):
+                raise ValueError(f"backup_id {doc['backup_id']!r} is not a directory name")
             return cls(
                 store=doc["store"], partition_key=doc["partition_key"],
                 backup_id=doc["backup_id"], run_id=doc["run_id"],
-                started_at=datetime.fromisoformat(doc["started_at"]),
-                ended_at=datetime.fromisoformat(doc["ended_at"]),
+                started_at=_aware(doc["started_at"], "started_at"),
+                ended_at=_aware(doc["ended_at"], "ended_at"),
                 tool_versions=dict(doc["tool_versions"]), server_version=doc["server_version"],
-                fingerprint=doc["fingerprint"],
-                artifacts=tuple(Artifact(**a) for a in doc["artifacts"]),
+                fingerprint=dict(doc["fingerprint"]), artifacts=artifacts,
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"manifest {where} is unreadable: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise damaged("manifest", where, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -107,10 +141,19 @@ class Verification:
         return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Verification:
-        doc = json.loads(data)
-        doc["verified_at"] = datetime.fromisoformat(doc["verified_at"])
-        return cls(**doc)
+    def from_json(cls, data: bytes, where: str = "verification record") -> Verification:
+        """Parse a verification record; raises ``DamagedBackup`` naming ``where``."""
+        doc = load_record(data, "verification record", where)
+        try:
+            doc["verified_at"] = _aware(doc["verified_at"], "verified_at")
+            record = cls(**doc)
+            if not isinstance(record.backup_id, str) or not isinstance(record.ok, bool):
+                raise ValueError(f"backup_id {record.backup_id!r} / ok {record.ok!r} invalid")
+            if not isinstance(record.checks, dict):
+                raise ValueError(f"checks is {type(record.checks).__name__}, not an object")
+            return record
+        except (ValueError, KeyError, TypeError) as exc:
+            raise damaged("verification record", where, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -128,7 +171,38 @@ class Tombstone:
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Tombstone:
-        doc = json.loads(data)
-        doc["deleted_at"] = datetime.fromisoformat(doc["deleted_at"])
-        return cls(**doc)
+    def from_json(cls, data: bytes, where: str = "tombstone") -> Tombstone:
+        """Parse a tombstone; raises ``DamagedBackup`` naming ``where``."""
+        doc = load_record(data, "tombstone", where)
+        try:
+            doc["deleted_at"] = _aware(doc["deleted_at"], "deleted_at")
+            return cls(**doc)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise damaged("tombstone", where, exc) from exc
+
+
+@dataclass(frozen=True)
+class PendingMarker:
+    """Beside a backup being written (``<backup_id>.pending.json``): which run writes it, since
+    when, and which committed backup it will replace. Removed on commit or abort."""
+
+    backup_id: str
+    run_id: str
+    started_at: datetime
+    host: str
+    pid: int
+    replaces: str | None = None
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["started_at"] = _ts(self.started_at)
+        return json.dumps(doc, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "in-progress marker") -> PendingMarker:
+        doc = load_record(data, "in-progress marker", where)
+        try:
+            doc["started_at"] = _aware(doc["started_at"], "started_at")
+            return cls(**doc)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise damaged("in-progress marker", where, exc) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -39,6 +40,7 @@ class RetentionDecision:
     backup_id: str
     delete: bool
     reason: str
+    damaged: bool = False  # a DAMAGED partition: reported, kept for an operator
 
 
 def _age(delta: timedelta) -> str:
@@ -74,6 +76,34 @@ def plan_retention(
                               f"(age {_age(age)})"), True
         decisions.append(RetentionDecision(b.partition_key, b.backup_id, delete, reason))
     return decisions
+
+
+def damaged_decision(damage: Any, *, now: datetime, window: timedelta, tz: str = "UTC",
+                     delete_past_window: bool = False) -> RetentionDecision:
+    """Retention's decision for a DAMAGED partition (a ``DamagedRecord``): never deleted
+    silently. Kept and reported for an operator; removed, saying so, only once older than
+    ``window`` and only when ``delete_past_window`` is set."""
+    backup_id = getattr(damage, "backup_id", None) or "unknown (manifest damaged)"
+    what = f"DAMAGED: its {damage.kind} {damage.file} cannot be read ({damage.error})"
+    try:
+        age: timedelta | None = now - partition_start(damage.partition_key, tz)
+    except InvalidRequest:
+        age = None
+    if age is not None and age > window:
+        if delete_past_window:
+            return RetentionDecision(damage.partition_key, backup_id, True,
+                                     f"{what}; older than the {_age(window)} window (age "
+                                     f"{_age(age)}): removed (delete_damaged_past_window is "
+                                     "set)", damaged=True)
+        return RetentionDecision(damage.partition_key, backup_id, False,
+                                 f"{what}; older than the {_age(window)} window (age "
+                                 f"{_age(age)}) but left for an operator: inspect the file, "
+                                 "then run retention with delete_damaged_past_window to remove "
+                                 "it", damaged=True)
+    return RetentionDecision(damage.partition_key, backup_id, False,
+                             f"{what}; left for an operator: re-run the backup (or, for a "
+                             "verification record, the verification) of this partition to "
+                             "repair it", damaged=True)
 
 
 def ensure_within_window(store: str, partition_key: str, *, now: datetime,
