@@ -62,7 +62,7 @@ def redis_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
     """Deletes Redis backups older than one day, never the newest verified one, and takes
     their partitions out of the UI."""
     return apply_retention(context, repository.open(), STORE, RETENTION, config.dry_run,
-                           (redis_backup.key, redis_backup_verified.key))
+                           (redis_backup.key, redis_backup_verified.key), config=config)
 
 
 class RestoreRedisConfig(dg.Config):
