@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 import boto3
 import dagster as dg
 import pytest
+import zstandard
 from botocore.config import Config
 
 from rag_backup.defs import minio as minio_defs
@@ -103,16 +105,27 @@ def put(client, bucket: str, key: str, body: bytes, content_type: str = "applica
                       Metadata=metadata or {}, **extra)
 
 
+def tags_of(client, bucket: str, key: str) -> dict[str, str]:
+    return {t["Key"]: t["Value"]
+            for t in client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+
+
+def set_tags(client, bucket: str, key: str, tags: dict[str, str]) -> None:
+    client.put_object_tagging(Bucket=bucket, Key=key, Tagging={
+        "TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]})
+
+
 def bucket_state(client, bucket: str, prefix: str = "") -> dict[str, tuple]:
     """Every object: sha256 and length of its bytes (GET), content type, user metadata and
-    the other PUT headers (HEAD), found by listing."""
+    the other PUT headers (HEAD), and its tags, found by listing."""
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
             head = client.head_object(Bucket=bucket, Key=obj["Key"])
             out[obj["Key"]] = (hashlib.sha256(body).hexdigest(), len(body), head["ContentType"],
-                               head["Metadata"], {h: head.get(h) for h in HEADERS})
+                               head["Metadata"], {h: head.get(h) for h in HEADERS},
+                               tags_of(client, bucket, obj["Key"]))
     return out
 
 
@@ -296,6 +309,241 @@ def test_restore_a_prefix_and_removal_needs_the_bucket_name(client, s3, repo, ne
     assert bucket_state(client, bucket) == snapshot
 
 
+# -- tags, the comparison after a restore, old snapshots -------------------------------------
+
+TAGS = {
+    "several": {"project": "pm-kisan", "stage": "processed", "owner": "data team",
+                "retain": "2031-01-01"},
+    "unicode": {"Ünïcødé": "café Ελληνικά 日本語", "empty": "", "sym": "a+b=c/d:e@f.g_h-i"},
+}
+
+
+def fill_tagged(client, bucket: str) -> None:
+    """Tagged objects: several tags, unicode keys and values, an empty value, one object with
+    none, one whose key MinIO's SDK refuses, and a multipart object larger than the restore's
+    single-PUT limit (so the restore uploads it in parts, tags on the upload)."""
+    put(client, bucket, "tagged/several.pdf", b"several", Tagging=engine._tag_header(
+        TAGS["several"]), metadata={"source": "agriwelfare.gov.in"})
+    put(client, bucket, "tagged/ünïcødé.txt", b"unicode", "text/plain",
+        Tagging=engine._tag_header(TAGS["unicode"]))
+    put(client, bucket, "untagged.txt", b"no tags at all", "text/plain")
+    put(client, bucket, "a/../sdk-refuses.txt", b"odd key", "text/plain", Tagging="k=v")
+    upload = client.create_multipart_upload(
+        Bucket=bucket, Key="models/tagged-large.bin", ContentType="application/octet-stream",
+        Metadata={"model": "qa-v2"}, Tagging=engine._tag_header({"model": "qa-v2",
+                                                                 "size": "large"}))
+    parts = []
+    for number, data in enumerate((os.urandom(5 * MB), os.urandom(4 * MB)), start=1):
+        resp = client.upload_part(Bucket=bucket, Key="models/tagged-large.bin",
+                                  PartNumber=number, UploadId=upload["UploadId"], Body=data)
+        parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+    client.complete_multipart_upload(Bucket=bucket, Key="models/tagged-large.bin",
+                                     UploadId=upload["UploadId"],
+                                     MultipartUpload={"Parts": parts})
+
+
+def found(comparison) -> set[tuple[str, str]]:
+    return {(d.item, d.property) for d in comparison.differences}
+
+
+def test_tags_round_trip_in_place_and_into_a_new_bucket(client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    fill_tagged(client, bucket)
+    before = bucket_state(client, bucket)
+    assert before["tagged/ünïcødé.txt"][5] == TAGS["unicode"]
+    assert before["untagged.txt"][5] == {} and before["a/../sdk-refuses.txt"][5] == {"k": "v"}
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    recorded = {e.key: e.tags for e in engine.read_snapshot(repo, record, bucket)}
+    assert recorded == {key: state[5] for key, state in before.items()}
+
+    empty_bucket(client, bucket)
+    report = engine.restore(repo, record, s3)
+    assert report.buckets[0].restored == 5 and report.matches_snapshot
+    assert report.comparison.matches and report.comparison.not_run == {}
+    assert report.comparison.compared == {
+        "objects": 5, "sizes": 5, "sha256": 5, "content_type": 5, "metadata": 5,
+        "headers": 5, "tags": 5}
+    assert bucket_state(client, bucket) == before
+
+    scratch = new_bucket(create=False)
+    report = engine.restore(repo, record, s3, buckets=[bucket], target_bucket=scratch)
+    assert report.buckets[0].restored == 5 and report.matches_snapshot
+    assert bucket_state(client, scratch) == before
+
+    # Tags lost or changed on identical objects are put back without rewriting the objects.
+    set_tags(client, scratch, "tagged/several.pdf", {"project": "changed"})
+    set_tags(client, scratch, "untagged.txt", {"stray": "tag"})
+    client.delete_object_tagging(Bucket=scratch, Key="models/tagged-large.bin")
+    again = engine.restore(repo, record, s3, buckets=[bucket], target_bucket=scratch)
+    [b] = again.buckets
+    assert (b.restored, b.skipped_identical, b.tags_corrected) == (0, 5, 3)
+    assert again.matches_snapshot and bucket_state(client, scratch) == before
+
+
+def test_a_tag_only_change_is_caught_by_the_next_incremental_backup(
+        client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    for i in range(20):
+        put(client, bucket, f"doc/{i:02d}", f"document {i}".encode(), Tagging=f"n={i}")
+    take(repo, s3, [bucket], YESTERDAY)
+    etag = client.head_object(Bucket=bucket, Key="doc/03")["ETag"]
+    set_tags(client, bucket, "doc/03", {"n": "3", "reviewed": "yes"})
+    client.delete_object_tagging(Bucket=bucket, Key="doc/07")
+    assert client.head_object(Bucket=bucket, Key="doc/03")["ETag"] == etag  # nothing else moved
+    second = take(repo, s3, [bucket], TODAY)
+    assert (second.objects_copied, second.objects_reused) == (0, 20)
+    tags = {e.key: e.tags for e in engine.read_snapshot(repo, repo.get("minio", TODAY), bucket)}
+    assert tags["doc/03"] == {"n": "3", "reviewed": "yes"} and tags["doc/07"] == {}
+    assert tags["doc/11"] == {"n": "11"}
+
+    scratch = new_bucket(create=False)
+    engine.restore(repo, repo.get("minio", TODAY), s3, target_bucket=scratch)
+    assert bucket_state(client, scratch) == bucket_state(client, bucket)
+    engine.restore(repo, repo.get("minio", YESTERDAY), s3, target_bucket=scratch)
+    assert tags_of(client, scratch, "doc/03") == {"n": "3"}
+    assert tags_of(client, scratch, "doc/07") == {"n": "7"}
+
+
+def test_the_comparison_names_every_object_and_property_that_differs(
+        client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    fill_tagged(client, bucket)
+    put(client, bucket, "plain.json", b'{"a": 1}', "application/json", {"doc-id": "1"},
+        CacheControl="max-age=60")
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    scratch = new_bucket(create=False)
+    engine.restore(repo, record, s3, target_bucket=scratch)
+    assert engine.compare_bucket(repo, record, s3, bucket, scratch).matches
+
+    # Afterwards the target loses a tag, metadata and a header, gets other bytes of the same
+    # size, loses an object and gains one.
+    set_tags(client, scratch, "tagged/several.pdf",
+             {k: v for k, v in TAGS["several"].items() if k != "owner"})
+    client.copy_object(Bucket=scratch, Key="plain.json", CopySource={
+        "Bucket": scratch, "Key": "plain.json"}, MetadataDirective="REPLACE",
+        ContentType="text/plain", Metadata={})
+    put(client, scratch, "untagged.txt", b"NO TAGS AT ALL", "text/plain")
+    client.delete_object(Bucket=scratch, Key="tagged/ünïcødé.txt")
+    put(client, scratch, "extra.txt", b"not in the snapshot", "text/plain")
+
+    comparison = engine.compare_bucket(repo, record, s3, bucket, scratch)
+    assert not comparison.matches and comparison.not_run == {}
+    assert found(comparison) == {
+        (f"{scratch}/tagged/several.pdf", "tag owner"),
+        (f"{scratch}/plain.json", "content type"),
+        (f"{scratch}/plain.json", "metadata doc-id"),
+        (f"{scratch}/plain.json", "header Cache-Control"),
+        (f"{scratch}/untagged.txt", "sha256"),
+        (f"{scratch}/tagged/ünïcødé.txt", "object")}
+    lost = {(d.property, d.expected, d.actual) for d in comparison.differences
+            if d.item.endswith("several.pdf") or d.item.endswith("plain.json")}
+    assert ("tag owner", "data team", None) in lost
+    assert ("metadata doc-id", "1", None) in lost
+    assert comparison.compared["objects"] == 6 and comparison.compared["sha256"] == 5
+    with_extras = engine.compare_bucket(repo, record, s3, bucket, scratch, extra_objects=True)
+    assert found(with_extras) - found(comparison) == {(f"{scratch}/extra.txt", "object")}
+
+    # The next restore puts all of it back (the extra object only with remove_extra).
+    report = engine.restore(repo, record, s3, target_bucket=scratch, remove_extra=True,
+                            confirm=scratch)
+    assert report.matches_snapshot and report.buckets[0].removed == 1
+    assert bucket_state(client, scratch) == bucket_state(client, bucket)
+
+
+def test_a_difference_left_after_the_restore_fails_it_unless_accepted(
+        client, s3, repo, new_bucket, monkeypatch):
+    """Something else writes to the target while it is restored (here: between the writes
+    and the comparison): the restore fails naming the object and the property."""
+    bucket = new_bucket()
+    fill_tagged(client, bucket)
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    scratch = new_bucket(create=False)
+    compare = engine._compare
+
+    def with_a_concurrent_writer(*args, **kwargs):
+        client.delete_object_tagging(Bucket=scratch, Key="tagged/several.pdf")
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_compare", with_a_concurrent_writer)
+    with pytest.raises(engine.RestoreDiffers,
+                       match=rf"{scratch}/tagged/several.pdf: tag owner is None.*"
+                             "accept_differences") as refused:
+        engine.restore(repo, record, s3, target_bucket=scratch)
+    report = refused.value.report
+    assert not report.matches_snapshot and len(report.comparison.differences) == 4
+    assert report.buckets[0].restored == 5
+
+    accepted = engine.restore(repo, record, s3, target_bucket=scratch, accept_differences=True)
+    assert accepted.buckets[0].tags_corrected == 1  # put back by the restore, removed again
+    assert found(accepted.comparison) == {(f"{scratch}/tagged/several.pdf", f"tag {name}")
+                                          for name in TAGS["several"]}
+    assert not accepted.matches_snapshot
+
+
+def write_version_1_snapshot(client, repo: BackupRepository, bucket: str,
+                             partition: str) -> None:
+    """A snapshot as the first release wrote it (format version 1: no tags), of ``bucket`` as
+    it is now, with its blobs."""
+    lines, total = [], 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            got = client.get_object(Bucket=bucket, Key=obj["Key"])
+            data = got["Body"].read()
+            sha = hashlib.sha256(data).hexdigest()
+            repo.backend.write_bytes(engine.blob_key(sha), data)
+            total += len(data)
+            lines.append({"key": obj["Key"], "size": len(data), "etag": obj["ETag"],
+                          "last_modified": obj["LastModified"].isoformat(), "sha256": sha,
+                          "content_type": got["ContentType"], "metadata": got["Metadata"],
+                          "headers": {}})
+    with repo.begin("minio", partition, "release-1") as pending:
+        with pending.artifact(engine.snapshot_name(bucket)) as out, \
+                zstandard.ZstdCompressor().stream_writer(out, closefd=False) as z:
+            z.write(json.dumps({"format": engine.SNAPSHOT_FORMAT, "version": 1,
+                                "bucket": bucket, "partition_key": partition,
+                                "backup_id": pending.backup_id}).encode() + b"\n")
+            for line in lines:
+                z.write(json.dumps(line).encode() + b"\n")
+        pending.commit(engine.BackupOutcome(
+            {"buckets": {bucket: {"objects": len(lines), "bytes": total}},
+             "objects": len(lines), "bytes": total}, {}, "release-1", {}, None))
+
+
+def test_a_version_1_snapshot_restores_with_tags_reported_not_run(
+        client, s3, repo, new_bucket):
+    bucket = new_bucket()
+    for i in range(4):
+        put(client, bucket, f"doc/{i}", f"document {i}".encode(), "text/plain", {"i": str(i)},
+            Tagging=f"n={i}")
+    write_version_1_snapshot(client, repo, bucket, YESTERDAY)
+    record = repo.get("minio", YESTERDAY)
+    engine.verify(repo, record)
+    assert {e.tags for e in engine.read_snapshot(repo, record, bucket)} == {None}
+
+    scratch = new_bucket(create=False)
+    report = engine.restore(repo, record, s3, target_bucket=scratch)
+    assert report.buckets[0].restored == 4 and report.comparison.differences == []
+    assert "tags" not in report.comparison.compared
+    assert "format version 1" in report.comparison.not_run["tags"]
+    assert not report.matches_snapshot and not report.comparison.matches
+    assert {k: v[:5] for k, v in bucket_state(client, scratch).items()} == \
+        {k: v[:5] for k, v in bucket_state(client, bucket).items()}
+    # In place: identical objects keep the tags they have (the snapshot does not know them).
+    in_place = engine.restore(repo, record, s3)
+    assert in_place.buckets[0].skipped_identical == 4 and in_place.total("tags_corrected") == 0
+    assert tags_of(client, bucket, "doc/2") == {"n": "2"}
+
+    # The next backup reuses the version-1 entries and records the tags (version 2).
+    outcome = take(repo, s3, [bucket], TODAY)
+    assert (outcome.objects_copied, outcome.objects_reused) == (0, 4)
+    assert {e.key: e.tags for e in engine.read_snapshot(repo, repo.get("minio", TODAY),
+                                                         bucket)} == {
+        f"doc/{i}": {"n": str(i)} for i in range(4)}
+
+
 # -- verification and corruption -----------------------------------------------------------
 
 def test_a_corrupt_or_missing_blob_is_caught_and_healed_by_the_next_backup(
@@ -464,6 +712,11 @@ def test_a_killed_backup_leaves_the_previous_snapshot_intact_and_no_debris_after
 
     second = take(repo, s3, [bucket])
     assert second.objects_copied == 400
+    # The dead run's directory is not the next commit's to remove (it only removes the backup
+    # it replaces); retention collects it once stale.
+    assert [p for p in repo_dir.rglob("*") if ".tmp-" in p.name]
+    gone = repo.collect_abandoned_backups("minio", older_than=timedelta(0))
+    assert gone and all("abandoned" in g.kind for g in gone)
     engine.collect_garbage(repo, grace=timedelta(0))
     assert set(blob_files(repo_dir)) == referenced(repo)
     assert [p for p in repo_dir.rglob("*") if ".tmp-" in p.name] == []
@@ -601,6 +854,7 @@ def test_assets_and_restore_job(client, s3, repo, repo_dir, new_bucket, stack_en
     assert run.success
     out = run.output_for_node("restore_minio")
     assert out["matches_snapshot"] and out["buckets"][docs]["restored"] == 7
+    assert out["comparison"]["compared"]["sha256"] == 7 and out["comparison"]["matches"]
     assert bucket_state(client, docs) == before
 
     config = minio_defs.RestoreMinioConfig(buckets=[models], target_bucket=target)
@@ -609,7 +863,7 @@ def test_assets_and_restore_job(client, s3, repo, repo_dir, new_bucket, stack_en
         resources=resources(s3, repo_dir, [docs, models]), instance=instance)
     assert run.success and run.output_for_node("restore_minio")["buckets"][models] == {
         "target": target, "in_snapshot": 1, "restored": 1, "skipped_identical": 0,
-        "removed": 0, "bytes_restored": 12, "missing_after": 0}
+        "tags_corrected": 0, "removed": 0, "bytes_restored": 12, "missing_after": 0}
 
     refused = minio_defs.restore_minio_job.execute_in_process(
         run_config=dg.RunConfig(ops={"restore_minio": minio_defs.RestoreMinioConfig(
@@ -622,3 +876,54 @@ def test_assets_and_restore_job(client, s3, repo, repo_dir, new_bucket, stack_en
     fields = (minio_defs.restore_minio_job.graph.node_named("restore_minio").definition
               .config_schema.config_type.fields)
     assert all(field.description for field in fields.values())
+
+
+def restore_output_metadata(run) -> dict:
+    [event] = [e for e in run.events_for_node("restore_minio") if e.is_successful_output]
+    return {k: v.value for k, v in event.step_output_data.metadata.items()}
+
+
+def test_the_restore_job_reports_the_comparison_and_refuses_a_difference_unless_accepted(
+        client, s3, repo, repo_dir, new_bucket, monkeypatch):
+    bucket = new_bucket()
+    fill_tagged(client, bucket)
+    take(repo, s3, [bucket])
+    scratch = new_bucket(create=False)
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run_job(**config):
+        return minio_defs.restore_minio_job.execute_in_process(
+            run_config=dg.RunConfig(ops={"restore_minio": minio_defs.RestoreMinioConfig(
+                buckets=[bucket], target_bucket=scratch, **config)}),
+            resources=resources(s3, repo_dir, [bucket]), instance=instance,
+            raise_on_error=False)
+
+    clean = run_job()
+    assert clean.success
+    meta = restore_output_metadata(clean)
+    assert meta["matches_snapshot"] is True and meta["differences"] == 0
+    assert meta["compared_tags"] == meta["compared_sha256"] == meta["compared_objects"] == 5
+    assert "not_compared" not in meta
+
+    compare = engine._compare
+
+    def with_a_concurrent_writer(*args, **kwargs):
+        client.copy_object(Bucket=scratch, Key="untagged.txt", CopySource={
+            "Bucket": scratch, "Key": "untagged.txt"}, MetadataDirective="REPLACE",
+            ContentType="text/plain", Metadata={"added": "by someone else"})
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_compare", with_a_concurrent_writer)
+    refused = run_job()
+    assert not refused.success
+    error = str(refused.failure_data_for_node("restore_minio").error)
+    assert f"{scratch}/untagged.txt: metadata added is 'by someone else'" in error
+    assert "accept_differences" in error
+
+    accepted = run_job(accept_differences=True)
+    assert accepted.success
+    meta = restore_output_metadata(accepted)
+    assert meta["matches_snapshot"] is False and meta["differences"] == 1
+    assert f"| {scratch}/untagged.txt | metadata added |" in meta["differences_found"]
+    out = accepted.output_for_node("restore_minio")
+    assert out["comparison"]["differences"][0]["item"] == f"{scratch}/untagged.txt"

@@ -11,6 +11,7 @@ from rag_backup.defs.common import (
     StorePolicy,
     apply_retention,
     commit_backup,
+    comparison_metadata,
     retry_when_unreachable,
     verify_and_record,
 )
@@ -33,9 +34,10 @@ POOL = "minio"
 def minio_backup(context: dg.AssetExecutionContext, repository: BackupRepositoryResource,
                  minio: MinioResource) -> dg.MaterializeResult:
     """Daily snapshot of every configured MinIO bucket: each object's key, size, etag, sha256,
-    content type and user metadata, pointing at content-addressed blobs in the repository.
-    Only new or changed objects are downloaded (in parallel, streamed and hashed); unchanged
-    ones are taken from the previous snapshot. Every day of the 14-day window stays
+    content type, user metadata, other PUT headers and tags, pointing at content-addressed
+    blobs in the repository. Only new or changed objects are downloaded (in parallel, streamed
+    and hashed); unchanged ones are taken from the previous snapshot, their tags read again
+    (a tag change leaves the etag as it was). Every day of the 14-day window stays
     restorable, deleted and overwritten objects included."""
     def take(pending):
         return engine.backup(minio.s3(), pending, minio.bucket_list(), window=RETENTION,
@@ -88,7 +90,7 @@ def minio_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
     loses nothing."""
     repo = repository.open()
     result = apply_retention(context, repo, STORE, RETENTION, config.dry_run,
-                             (minio_backup.key, minio_backup_verified.key))
+                             (minio_backup.key, minio_backup_verified.key), config=config)
     with retry_when_unreachable():
         gc = engine.collect_garbage(repo, grace=minio.gc_grace, now=utcnow(),
                                     dry_run=config.dry_run, log=context.log.info)
@@ -122,13 +124,17 @@ class RestoreMinioConfig(dg.Config):
     workers: int = Field(default=8, description="Parallel object transfers.")
     allow_unverified: bool = Field(default=False, description="Allow a snapshot that has not "
                                    "passed verification (not recommended).")
+    accept_differences: bool = Field(
+        default=False, description="After the restore, every object of the target is compared "
+        "with the snapshot (size, sha256, content type, metadata, headers, tags). A difference "
+        "fails the run unless this is set; the objects are written either way.")
 
 
 @dg.op(pool=POOL)
 def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
                   repository: BackupRepositoryResource, minio: MinioResource) -> dict:
-    """Restore buckets of a MinIO snapshot, skipping identical objects, and report the counts
-    against the snapshot."""
+    """Restore buckets of a MinIO snapshot, skipping identical objects (their tags corrected),
+    then compare every object of the target with the snapshot, field by field."""
     repo = repository.open()
     record = repo.resolve(STORE, config.partition_key,
                           require_verified=not config.allow_unverified)
@@ -138,7 +144,7 @@ def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
             repo, record, minio.s3(config.workers), buckets=config.buckets or None,
             target_bucket=config.target_bucket, prefix=config.prefix,
             remove_extra=config.remove_extra, confirm=config.confirm, workers=config.workers,
-            log=context.log.info)
+            accept_differences=config.accept_differences, log=context.log.info)
     context.add_output_metadata({
         "partition_key": dg.MetadataValue.text(record.partition_key),
         "backup_id": dg.MetadataValue.text(record.backup_id),
@@ -148,25 +154,31 @@ def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
         "objects_restored": dg.MetadataValue.int(report.total("restored")),
         "objects_skipped_identical": dg.MetadataValue.int(report.total("skipped_identical")),
         "objects_removed": dg.MetadataValue.int(report.total("removed")),
+        "objects_tags_corrected": dg.MetadataValue.int(report.total("tags_corrected")),
         "bytes_restored": dg.MetadataValue.int(report.total("bytes_restored")),
         "matches_snapshot": dg.MetadataValue.bool(report.matches_snapshot),
+        **comparison_metadata(report.comparison),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
     })
     return {"partition_key": record.partition_key, "backup_id": record.backup_id,
             "matches_snapshot": report.matches_snapshot,
+            "comparison": report.comparison.to_dict(),
             "buckets": {b.source_bucket: {
                 "target": b.target_bucket, "in_snapshot": b.in_snapshot,
                 "restored": b.restored, "skipped_identical": b.skipped_identical,
-                "removed": b.removed, "bytes_restored": b.bytes_restored,
-                "missing_after": b.missing_after} for b in report.buckets}}
+                "tags_corrected": b.tags_corrected, "removed": b.removed,
+                "bytes_restored": b.bytes_restored, "missing_after": b.missing_after}
+                for b in report.buckets}}
 
 
 @dg.job(tags={"store": STORE, "kind": "restore"})
 def restore_minio_job():
     """Restore MinIO buckets from a snapshot (a day of the 14-day window, or the latest
     verified) into the same buckets or another one, optionally under a key prefix. Content
-    type and user metadata are restored; identical objects are skipped; objects not in the
-    snapshot are only removed with confirmation."""
+    type, user metadata, headers and tags are restored; identical objects are skipped (their
+    tags corrected); objects not in the snapshot are only removed with confirmation. Every
+    object is then compared with the snapshot; a difference fails the run unless
+    accept_differences."""
     restore_minio()
 
 

@@ -10,16 +10,20 @@ Layout in the backup repository::
 
 A snapshot is a zstd-compressed JSON-lines file: a header line, then one line per object in key
 order (S3's listing order, which is UTF-8 byte order): key, size, etag, last_modified, sha256,
-content type, user metadata and the other headers a PUT sets (Cache-Control,
-Content-Disposition, Content-Encoding, Content-Language). Keys exist only inside that file;
-blobs are named by their hash, so no key (``..``, a leading ``/``, spaces, any unicode) ever
-becomes part of a path in the repository.
+content type, user metadata, the other headers a PUT sets (Cache-Control,
+Content-Disposition, Content-Encoding, Content-Language) and, from format version 2, the
+object's tags. Version-1 snapshots (no tags) are still read and restored; their objects' tags
+are "not recorded" and a restore reports the tag comparison as not run. Keys exist only inside
+that file; blobs are named by their hash, so no key (``..``, a leading ``/``, spaces, any
+unicode) ever becomes part of a path in the repository.
 
 Incremental backups: the bucket listing is walked alongside the previous snapshot (both are in
 key order, so memory stays bounded whatever the bucket's size). An object whose key, size and
 etag are unchanged, and whose blob is present with the right size, is not downloaded again: its
 sha256 is taken from the previous snapshot (and its headers too, when its Last-Modified is
-unchanged; otherwise one HEAD refreshes them, since a metadata-only copy keeps the etag). New or
+unchanged; otherwise one HEAD refreshes them, since a metadata-only copy keeps the etag). Tags
+are read for every object on every backup (one GetObjectTagging each, by the worker pool):
+changing an object's tags changes neither its etag nor its Last-Modified. New or
 changed objects are downloaded by a pool of threads, hashed while they stream, and stored as
 blobs (idempotent: the same content always gets the same name). GETs carry ``If-Match`` with the
 listed etag, so the bytes always belong to the version recorded; an object overwritten after
@@ -30,15 +34,26 @@ The previous snapshot ("reuse source") is the newest committed one at or before 
 whose age is at most ``window - gc_grace``: retention cannot delete it while this backup runs
 (see ``collect_garbage`` for why that matters).
 
-Two clients: the hot path of a backup (listing, one GET or HEAD per new or changed object) uses
-MinIO's SDK, which spends less than half of botocore's CPU per request; a backup of many small
-objects is bound by exactly that. Keys the SDK refuses (``.`` or ``..`` path segments, which S3
-allows) and everything else (probing, bucket creation, restores with their checked multipart
-uploads) go through boto3. Both clients' errors become this project's (``translate``).
+Two clients: the hot path of a backup (listing, one GET or HEAD per new or changed object, one
+GetObjectTagging per object) uses MinIO's SDK, which spends less than half of botocore's CPU
+per request; a backup of many small objects is bound by exactly that. Keys the SDK refuses
+(``.`` or ``..`` path segments, which S3 allows) and everything else (probing, bucket creation,
+restores with their checked multipart uploads) go through boto3. Both clients' errors become
+this project's (``translate``).
+
+After every restore, the target is compared with the snapshot object by object
+(``compare_bucket``): presence, size, sha256 of the bytes the server returns (re-read in
+parallel and hashed as they stream: moto, the test server, stores a client-sent
+``x-amz-checksum-sha256`` without checking it and returns none unless asked for the algorithm,
+so a server-side checksum would prove nothing there), content type, user metadata, the PUT
+headers and tags. Single-part restores send the sha256 along (``ChecksumSHA256``) so that
+servers which check it (MinIO, AWS) refuse a body damaged on the way. A difference fails the
+restore (``RestoreDiffers``, which carries the report) unless ``accept_differences``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -55,7 +70,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import boto3
 import botocore
@@ -67,6 +82,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from rag_backup import repository
+from rag_backup.engines.comparison import Comparison
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
@@ -86,7 +102,8 @@ TMP_PREFIX = "objectstore/tmp"
 SNAPSHOT_DIR = "buckets"
 SNAPSHOT_SUFFIX = ".jsonl.zst"
 SNAPSHOT_FORMAT = "rag-backup/minio-snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2                # 2: object tags recorded; 1: no tags (still read)
+READABLE_VERSIONS = (1, 2)
 CHUNK = 1024 * 1024
 SMALL_OBJECT = 8 * 1024 * 1024     # copied through memory; larger objects stream to a temp blob
 PART_SIZE = 8 * 1024 * 1024        # restore: multipart part size (grown to stay under MAX_PARTS)
@@ -265,23 +282,30 @@ class ObjectEntry:
     content_type: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] | None = None  # None: not recorded (a version-1 snapshot)
 
     def to_line(self) -> bytes:
-        doc = {"key": self.key, "size": self.size, "etag": self.etag,
-               "last_modified": self.last_modified, "sha256": self.sha256,
-               "content_type": self.content_type, "metadata": self.metadata,
-               "headers": self.headers}
+        doc: dict[str, Any] = {
+            "key": self.key, "size": self.size, "etag": self.etag,
+            "last_modified": self.last_modified, "sha256": self.sha256,
+            "content_type": self.content_type, "metadata": self.metadata,
+            "headers": self.headers}
+        if self.tags is not None:
+            doc["tags"] = self.tags
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
-    def from_line(cls, line: bytes, where: str) -> ObjectEntry:
+    def from_line(cls, line: bytes, where: str, version: int = SNAPSHOT_VERSION) -> ObjectEntry:
+        """One line of a snapshot of format ``version`` (from 2 on, every line has its
+        object's tags, ``{}`` for none; version 1 recorded none: ``tags`` is None)."""
         try:
             doc = json.loads(line)
+            tags = None if version < 2 else {str(k): str(v) for k, v in doc["tags"].items()}
             entry = cls(str(doc["key"]), int(doc["size"]), str(doc["etag"]),
                         str(doc["last_modified"]), str(doc["sha256"]),
                         str(doc.get("content_type", "")),
                         {str(k): str(v) for k, v in doc.get("metadata", {}).items()},
-                        {str(k): str(v) for k, v in doc.get("headers", {}).items()})
+                        {str(k): str(v) for k, v in doc.get("headers", {}).items()}, tags)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"{where}: unreadable snapshot line: {exc}") from exc
         if not SHA_RE.fullmatch(entry.sha256) or entry.size < 0:
@@ -378,13 +402,15 @@ def read_snapshot(repo: BackupRepository, record: BackupRecord, bucket: str
         header = json.loads(next(lines))
     except (StopIteration, ValueError) as exc:
         raise IntegrityError(f"{where}: no snapshot header") from exc
-    if header.get("format") != SNAPSHOT_FORMAT or header.get("version") != SNAPSHOT_VERSION \
+    version = header.get("version")
+    if header.get("format") != SNAPSHOT_FORMAT or version not in READABLE_VERSIONS \
             or header.get("bucket") != bucket:
-        raise IntegrityError(f"{where}: header {header!r} is not a version-{SNAPSHOT_VERSION} "
-                             f"snapshot of bucket {bucket!r}")
+        raise IntegrityError(f"{where}: header {header!r} is not a snapshot of bucket "
+                             f"{bucket!r} in a format this release reads (versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
     previous: str | None = None
     for line in lines:
-        entry = ObjectEntry.from_line(line, where)
+        entry = ObjectEntry.from_line(line, where, version)
         if previous is not None and entry.key <= previous:
             raise IntegrityError(f"{where}: key {entry.key!r} follows {previous!r} (a snapshot "
                                  "is in strictly increasing key order)")
@@ -532,36 +558,31 @@ def _sdk_can_name(key: str) -> bool:
     return bool(key) and "." not in segments and ".." not in segments
 
 
+def _tag_header(tags: dict[str, str]) -> str:
+    """Tags as the ``x-amz-tagging`` header of a PUT wants them (URL-encoded, UTF-8)."""
+    return urlencode(tags, quote_via=quote, safe="")
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What the server has for one object: its bytes' length and sha256 (read and hashed),
+    what the GET's headers say, and its tags."""
+
+    size: int
+    sha256: str
+    head: _Head
+    tags: dict[str, str]
+
+
 @dataclass
-class _Copier:
-    """What the worker threads of one backup share."""
+class _Objects:
+    """Per-object reads against one S3 server, shared by worker threads: MinIO's SDK where it
+    can name the key (less CPU per request), boto3 otherwise."""
 
     client: Any
     reader: minio.Minio
     endpoint: S3Endpoint
-    repo: BackupRepository
-    backup_id: str
-    existing: dict[bytes, int]      # blobs present when the backup started: sha -> size
-    written: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def blob_present(self, sha: str, size: int) -> bool:
-        return self.existing.get(bytes.fromhex(sha)) == size
-
-    def _claim(self, sha: str) -> bool:
-        """True for the first thread of this run to store ``sha``: it writes the blob. A blob
-        is written even when it exists already, so its mtime is fresh (see collect_garbage)."""
-        with self.lock:
-            if sha in self.written:
-                return False
-            self.written.add(sha)
-            return True
-
-    def _release(self, sha: str) -> None:
-        with self.lock:
-            self.written.discard(sha)
-
-    # -- one object ------------------------------------------------------------------------
     def _failed(self, exc: Exception, what: str, bucket: str, key: str) -> None:
         """Return for a missing object, raise ``_ObjectChanged`` for a failed If-Match, and
         our own error for anything else (both clients' exceptions)."""
@@ -582,13 +603,30 @@ class _Copier:
             self._failed(exc, "HEAD", bucket, key)
             return None
 
-    def _get(self, bucket: str, key: str, etag: str, offset: int = 0) -> _Download | None:
-        """A GET of exactly the version ``etag`` (If-Match), from ``offset``; None if the
-        object is gone. Bytes come as stored, never decoded, whatever the Content-Encoding."""
+    def tags(self, bucket: str, key: str) -> dict[str, str] | None:
+        """The object's tags (``{}`` for none); None if the object is gone."""
         try:
             if _sdk_can_name(key):
-                resp = self.reader.get_object(bucket, key, offset=offset,
-                                              request_headers={"If-Match": etag})
+                try:
+                    return dict(self.reader.get_object_tags(bucket, key) or {})
+                except ValueError:  # the SDK refuses tags it thinks invalid (e.g. with '&')
+                    pass
+            resp = self.client.get_object_tagging(Bucket=bucket, Key=key)
+            return {str(t["Key"]): str(t.get("Value") or "") for t in resp.get("TagSet", [])}
+        except (ClientError, BotoCoreError, *SDK_ERRORS) as exc:
+            self._failed(exc, "GetObjectTagging", bucket, key)
+            return None
+
+    def _get(self, bucket: str, key: str, etag: str | None, offset: int = 0
+             ) -> _Download | None:
+        """A GET of exactly the version ``etag`` (If-Match; any version for None), from
+        ``offset``; None if the object is gone. Bytes come as stored, never decoded, whatever
+        the Content-Encoding."""
+        try:
+            if _sdk_can_name(key):
+                resp = self.reader.get_object(
+                    bucket, key, offset=offset,
+                    request_headers={"If-Match": etag} if etag else None)
 
                 def release() -> None:
                     resp.close()
@@ -596,7 +634,9 @@ class _Copier:
 
                 return _Download(_Head.from_http(resp.headers),
                                  resp.stream(CHUNK, decode_content=False), release)
-            args: dict[str, Any] = {"Bucket": bucket, "Key": key, "IfMatch": etag}
+            args: dict[str, Any] = {"Bucket": bucket, "Key": key}
+            if etag:
+                args["IfMatch"] = etag
             if offset:
                 args["Range"] = f"bytes={offset}-"
             got = self.client.get_object(**args)
@@ -630,6 +670,55 @@ class _Copier:
             if resumed is None:
                 raise _ObjectChanged(key)
             download = resumed
+
+    def observe(self, bucket: str, key: str) -> _Observed | None:
+        """Read one object as the server has it: GET (streamed and hashed, never held in
+        memory) and its tags; None if it is gone."""
+        for _ in range(MAX_CHANGES):
+            try:
+                download = self._get(bucket, key, None)
+                if download is None:
+                    return None
+                digest, length = hashlib.sha256(), 0
+                for chunk in self._chunks(bucket, key, download.head.etag, download):
+                    digest.update(chunk)
+                    length += len(chunk)
+            except _ObjectChanged:
+                continue
+            tags = self.tags(bucket, key)
+            if tags is None:
+                return None
+            return _Observed(length, digest.hexdigest(), download.head, tags)
+        raise StoreUnreachable(f"{self.endpoint.describe(bucket)}: object {key!r} was "
+                               f"overwritten {MAX_CHANGES} times while it was being compared; "
+                               "retried")
+
+
+@dataclass
+class _Copier(_Objects):
+    """What the worker threads of one backup share."""
+
+    repo: BackupRepository
+    backup_id: str
+    existing: dict[bytes, int]      # blobs present when the backup started: sha -> size
+    written: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def blob_present(self, sha: str, size: int) -> bool:
+        return self.existing.get(bytes.fromhex(sha)) == size
+
+    def _claim(self, sha: str) -> bool:
+        """True for the first thread of this run to store ``sha``: it writes the blob. A blob
+        is written even when it exists already, so its mtime is fresh (see collect_garbage)."""
+        with self.lock:
+            if sha in self.written:
+                return False
+            self.written.add(sha)
+            return True
+
+    def _release(self, sha: str) -> None:
+        with self.lock:
+            self.written.discard(sha)
 
     def _store(self, chunks: Iterator[bytes], size: int) -> tuple[str, int]:
         """Store a stream as a blob; return its sha256 and length. Small objects are hashed in
@@ -672,8 +761,8 @@ class _Copier:
         return sha, length
 
     def copy(self, bucket: str, obj: _Listed) -> tuple[ObjectEntry | None, str]:
-        """Download one object into a blob. ``(entry, "copied")``, or ``(None, "vanished")``
-        when it was deleted after the listing."""
+        """Download one object into a blob, and read its tags. ``(entry, "copied")``, or
+        ``(None, "vanished")`` when it was deleted after the listing."""
         for _ in range(MAX_CHANGES):
             try:
                 download = self._get(bucket, obj.key, obj.etag)
@@ -685,8 +774,12 @@ class _Copier:
                 if length != obj.size:
                     raise IntegrityError(f"GET {obj.key!r} from {self.endpoint.describe(bucket)}"
                                          f" returned {length} bytes, the listing says {obj.size}")
+                tags = self.tags(bucket, obj.key)
+                if tags is None:
+                    return None, "vanished"
                 return ObjectEntry(obj.key, length, obj.etag, obj.last_modified, sha,
-                                   head.content_type, head.metadata, head.headers), "copied"
+                                   head.content_type, head.metadata, head.headers,
+                                   tags), "copied"
             except _ObjectChanged:
                 current = self.head(bucket, obj.key)
                 if current is None:
@@ -699,17 +792,28 @@ class _Copier:
     def refresh(self, bucket: str, obj: _Listed, previous: ObjectEntry
                 ) -> tuple[ObjectEntry | None, str]:
         """Same content as the previous snapshot but a new Last-Modified: the headers may have
-        changed (a metadata-only copy keeps the etag). One HEAD; no download."""
+        changed (a metadata-only copy keeps the etag). One HEAD and the tags; no download."""
         head = self.head(bucket, obj.key)
         if head is None:
             return None, "vanished"
         if head.etag != previous.etag or head.size != previous.size:
             return self.copy(bucket, _Listed(obj.key, head.size, head.etag, head.last_modified))
+        tags = self.tags(bucket, obj.key)
+        if tags is None:
+            return None, "vanished"
         # The listing's Last-Modified, not the HEAD's: HTTP dates have one-second resolution,
         # MinIO's listings milliseconds; the next backup compares with the listing.
         return replace(previous, last_modified=obj.last_modified,
                        content_type=head.content_type, metadata=head.metadata,
-                       headers=head.headers), "reused"
+                       headers=head.headers, tags=tags), "reused"
+
+    def retag(self, bucket: str, previous: ObjectEntry) -> tuple[ObjectEntry | None, str]:
+        """Unchanged since the previous snapshot (key, size, etag, Last-Modified), but its
+        tags may not be: changing them changes neither the etag nor Last-Modified."""
+        tags = self.tags(bucket, previous.key)
+        if tags is None:
+            return None, "vanished"
+        return replace(previous, tags=tags), "reused"
 
 
 def choose_reuse_source(repo: BackupRepository, partition_key: str, *, window: timedelta,
@@ -869,7 +973,7 @@ def _backup_bucket(copier: _Copier, pool: ThreadPoolExecutor, pending: PendingBa
                 if prev is not None and prev.size == obj.size and prev.etag == obj.etag \
                         and copier.blob_present(prev.sha256, prev.size):
                     if prev.last_modified == obj.last_modified:
-                        queue.append((prev, "reused"))
+                        queue.append(pool.submit(copier.retag, bucket, prev))
                     else:
                         queue.append(pool.submit(copier.refresh, bucket, obj, prev))
                 else:
@@ -1135,15 +1239,16 @@ class BucketRestore:
     target_bucket: str
     in_snapshot: int
     restored: int
-    skipped_identical: int
+    skipped_identical: int       # identical objects left alone (those with tags corrected too)
     removed: int
     bytes_restored: int
     missing_after: int
+    tags_corrected: int = 0      # identical objects whose tags were rewritten
+    comparison: Comparison = field(default_factory=Comparison)
 
     @property
     def matches_snapshot(self) -> bool:
-        return (self.restored + self.skipped_identical == self.in_snapshot
-                and self.missing_after == 0)
+        return self.comparison.matches
 
 
 @dataclass(frozen=True)
@@ -1152,13 +1257,23 @@ class RestoreReport:
     backup_id: str
     buckets: tuple[BucketRestore, ...]
     duration_s: float
+    comparison: Comparison = field(default_factory=Comparison)  # every bucket's, together
 
     def total(self, name: str) -> int:
         return sum(getattr(b, name) for b in self.buckets)
 
     @property
     def matches_snapshot(self) -> bool:
-        return all(b.matches_snapshot for b in self.buckets)
+        return self.comparison.matches
+
+
+class RestoreDiffers(IntegrityError):
+    """After a restore, the target differs from the snapshot. The objects were written;
+    ``report`` says what was restored and holds the comparison with every difference."""
+
+    def __init__(self, message: str, report: RestoreReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
@@ -1173,10 +1288,7 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 
 @dataclass
-class _Restorer:
-    client: Any
-    reader: minio.Minio
-    endpoint: S3Endpoint
+class _Restorer(_Objects):
     repo: BackupRepository
     record: BackupRecord
 
@@ -1196,6 +1308,8 @@ class _Restorer:
         for param, header in HEADER_PARAMS.items():
             if header in entry.headers:
                 extra[param] = entry.headers[header]
+        if entry.tags:  # with the object: no moment where it exists untagged
+            extra["Tagging"] = _tag_header(entry.tags)
         try:
             stream = self.repo.backend.open_read(blob_key(entry.sha256))
         except FileNotFoundError as exc:
@@ -1206,8 +1320,12 @@ class _Restorer:
                 data = _read_exactly(stream, entry.size + 1)
                 if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
                     raise self._damaged(source_bucket, entry, "does not match its sha256")
+                # The sha256 goes along: servers that check it (MinIO, AWS) refuse a body
+                # damaged on the way.
+                checksum = base64.b64encode(bytes.fromhex(entry.sha256)).decode()
                 with s3_errors(self.endpoint, what, target):
-                    self.client.put_object(Bucket=target, Key=entry.key, Body=data, **extra)
+                    self.client.put_object(Bucket=target, Key=entry.key, Body=data,
+                                           ChecksumSHA256=checksum, **extra)
                 return
             part_size = max(PART_SIZE, math.ceil(entry.size / MAX_PARTS / CHUNK) * CHUNK)
             with s3_errors(self.endpoint, what, target):
@@ -1271,11 +1389,30 @@ class _Restorer:
                     digest.update(chunk)
         return digest.hexdigest() == entry.sha256
 
+    def put_tags(self, target: str, entry: ObjectEntry) -> None:
+        """Give the target's object exactly the snapshot's tags."""
+        with s3_errors(self.endpoint, f"tagging {entry.key!r}", target):
+            if entry.tags:
+                self.client.put_object_tagging(Bucket=target, Key=entry.key, Tagging={
+                    "TagSet": [{"Key": k, "Value": v} for k, v in entry.tags.items()]})
+            else:
+                self.client.delete_object_tagging(Bucket=target, Key=entry.key)
+
     def restore_one(self, source_bucket: str, target: str, entry: ObjectEntry,
                     on_target: _Listed | None) -> str:
+        """``"restored"`` (written), ``"skipped"`` (identical) or ``"retagged"`` (identical
+        bytes and headers, tags corrected). A version-1 entry does not know its tags: an
+        identical object keeps the ones it has."""
         if on_target is not None and on_target.size == entry.size \
                 and self.identical(target, entry):
-            return "skipped"
+            if entry.tags is None:
+                return "skipped"
+            current = self.tags(target, entry.key)
+            if current is not None:
+                if current == entry.tags:
+                    return "skipped"
+                self.put_tags(target, entry)
+                return "retagged"
         self.upload(source_bucket, target, entry)
         return "restored"
 
@@ -1320,15 +1457,21 @@ def _merge(entries: Iterator[ObjectEntry], listed: Iterator[_Listed]
 def restore(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint, *,
             buckets: Sequence[str] | None = None, target_bucket: str = "", prefix: str = "",
             remove_extra: bool = False, confirm: str = "", workers: int = DEFAULT_WORKERS,
-            log: Log = _quiet) -> RestoreReport:
+            accept_differences: bool = False, log: Log = _quiet) -> RestoreReport:
     """Restore buckets of a snapshot: each into itself, or one into ``target_bucket`` (created
     if missing), optionally only keys starting with ``prefix``.
 
-    Objects on the target that are identical (size, bytes, headers) are skipped. Objects on the
-    target that the snapshot does not have (under ``prefix``) are kept, unless ``remove_extra``
-    with ``confirm`` equal to the target bucket's name; they are removed only after every object
-    of the snapshot was restored. Every blob is checked against its sha256 before its object is
-    written."""
+    Objects on the target that are identical (size, bytes, headers) are skipped; their tags
+    are corrected when they differ. Objects on the target that the snapshot does not have
+    (under ``prefix``) are kept, unless ``remove_extra`` with ``confirm`` equal to the target
+    bucket's name; they are removed only after every object of the snapshot was restored.
+    Every blob is checked against its sha256 before its object is written.
+
+    Afterwards every target is compared with the snapshot, object by object (see
+    ``compare_bucket``; objects not in the snapshot count as differences when
+    ``remove_extra``). A difference raises ``RestoreDiffers`` (carrying the report) unless
+    ``accept_differences``; an aspect that could not be compared (tags of a version-1
+    snapshot) is reported in ``comparison.not_run`` and makes ``matches_snapshot`` false."""
     started = time.monotonic()
     available = snapshot_buckets(record)
     chosen = list(dict.fromkeys(buckets)) if buckets else available
@@ -1350,16 +1493,40 @@ def restore(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint, 
                 f"(or leave remove_extra off to keep them)")
     for source, _ in pairs:
         check_snapshot(repo, record, source)
-    client = endpoint.client()
-    restorer = _Restorer(client, endpoint.reader(), endpoint, repo, record)
+    restorer = _Restorer(endpoint.client(), endpoint.reader(), endpoint, repo, record)
     reports = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-restore") \
             as pool:
         for source, target in pairs:
             reports.append(_restore_bucket(restorer, pool, source, target, prefix,
                                            remove_extra, log))
-    return RestoreReport(record.partition_key, record.backup_id, tuple(reports),
-                         time.monotonic() - started)
+    report = RestoreReport(record.partition_key, record.backup_id, tuple(reports),
+                           time.monotonic() - started,
+                           _combined([b.comparison for b in reports]))
+    comparison = report.comparison
+    log(f"comparison with the snapshot: {dict(sorted(comparison.compared.items()))} compared; "
+        f"{comparison.summary()}")
+    if comparison.differences and not accept_differences:
+        raise RestoreDiffers(
+            f"{STORE} restore of {record.partition_key} into "
+            f"{', '.join(t for _, t in pairs)}: the target differs from the snapshot in "
+            f"{len(comparison.differences)} properties: {comparison.summary()}. The objects "
+            "were written; find what else writes to the bucket and restore again, or set "
+            "accept_differences to accept the restore as it is.", report)
+    return report
+
+
+def _combined(parts: Sequence[Comparison]) -> Comparison:
+    """Several buckets' comparisons as one (their items already name their bucket)."""
+    total = Comparison()
+    for part in parts:
+        for aspect, n in part.compared.items():
+            total.count(aspect, n)
+        total.differences.extend(part.differences)
+        for aspect, why in part.not_run.items():
+            total.skip(aspect, f"{total.not_run[aspect]}; {why}" if aspect in total.not_run
+                       else why)
+    return total
 
 
 def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, target: str,
@@ -1369,19 +1536,21 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
     _ensure_bucket(client, endpoint, target, log)
     entries = (e for e in read_snapshot(repo, record, source) if e.key.startswith(prefix))
     listed = _list_bucket(restorer.reader, endpoint, target, prefix)
-    in_snapshot = restored = skipped = restored_bytes = 0
+    in_snapshot = restored = skipped = retagged = restored_bytes = 0
     extra: list[str] = []
     pending: deque[tuple[Future, ObjectEntry]] = deque()
 
     def settle(block: bool) -> None:
-        nonlocal restored, skipped, restored_bytes
+        nonlocal restored, skipped, retagged, restored_bytes
         while pending and (block or pending[0][0].done() or len(pending) > 4 * MAX_QUEUED):
             future, entry = pending.popleft()
-            if future.result() == "restored":
+            outcome = future.result()
+            if outcome == "restored":
                 restored += 1
                 restored_bytes += entry.size
             else:
                 skipped += 1
+                retagged += outcome == "retagged"
 
     try:
         for entry, obj in _merge(entries, listed):
@@ -1410,16 +1579,108 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
                     raise RagBackupError(f"{endpoint.describe(target)} refused to delete "
                                          f"{len(resp['Errors'])} objects, e.g. {first}")
                 removed += len(batch)
-    # Independent check: every object of the snapshot is now on the target with its size.
-    missing = 0
-    after = _list_bucket(restorer.reader, endpoint, target, prefix)
-    for entry, obj in _merge((e for e in read_snapshot(repo, record, source)
-                              if e.key.startswith(prefix)), after):
-        if entry is not None and (obj is None or obj.size != entry.size):
-            missing += 1
+    # Independent check: what the target now has, object by object, against the snapshot.
+    comparison = _compare(restorer, pool, repo, record, source, target, prefix,
+                          extra_objects=remove_extra)
+    missing = sum(1 for d in comparison.differences
+                  if d.property == "object" and d.actual is None)
     log(f"{source} -> {target}: {in_snapshot} objects in the snapshot"
         f"{' under ' + repr(prefix) if prefix else ''}: {restored} restored ({restored_bytes} "
-        f"bytes), {skipped} identical skipped, {removed} not in the snapshot removed, "
-        f"{len(extra) - removed} not in the snapshot kept, {missing} missing afterwards")
+        f"bytes), {skipped} identical skipped ({retagged} of them re-tagged), {removed} not in "
+        f"the snapshot removed, {len(extra) - removed} not in the snapshot kept, {missing} "
+        f"missing afterwards, {len(comparison.differences)} differences")
     return BucketRestore(source, target, in_snapshot, restored, skipped, removed,
-                         restored_bytes, missing)
+                         restored_bytes, missing, retagged, comparison)
+
+
+# -- comparison of a bucket with a snapshot ------------------------------------------------
+
+def _compare_dicts(comparison: Comparison, aspect: str, item: str, label: str,
+                   expected: dict[str, str], actual: dict[str, str]) -> None:
+    """One comparison of ``aspect``; a difference per name whose value differs."""
+    comparison.count(aspect)
+    for name in sorted(set(expected) | set(actual)):
+        if expected.get(name) != actual.get(name):
+            comparison.differ(item, f"{label} {name}", expected.get(name), actual.get(name))
+
+
+def _compare_object(comparison: Comparison, item: str, entry: ObjectEntry,
+                    seen: _Observed | None) -> None:
+    comparison.count("objects")
+    if seen is None:
+        comparison.differ(item, "object", f"present ({entry.size} bytes)", None)
+        return
+    comparison.check("sizes", item, "size", entry.size, seen.size)
+    comparison.check("sha256", item, "sha256", entry.sha256, seen.sha256)
+    if entry.content_type:  # always recorded: S3 gives every object one
+        comparison.check("content_type", item, "content type", entry.content_type,
+                         seen.head.content_type)
+    _compare_dicts(comparison, "metadata", item, "metadata", entry.metadata, seen.head.metadata)
+    _compare_dicts(comparison, "headers", item, "header", entry.headers, seen.head.headers)
+    if entry.tags is not None:
+        _compare_dicts(comparison, "tags", item, "tag", entry.tags, seen.tags)
+
+
+def _compare(objects: _Objects, pool: ThreadPoolExecutor, repo: BackupRepository,
+             record: BackupRecord, source: str, target: str, prefix: str, *,
+             extra_objects: bool) -> Comparison:
+    """Walk the snapshot of ``source`` alongside the listing of ``target`` (both in key
+    order, memory bounded); every object present on both is read back by the pool (bytes
+    hashed as they stream, headers, tags) and compared field by field."""
+    comparison = Comparison()
+    entries = (e for e in read_snapshot(repo, record, source) if e.key.startswith(prefix))
+    listed = _list_bucket(objects.reader, objects.endpoint, target, prefix)
+    pending: deque[tuple[Future, ObjectEntry]] = deque()
+    untagged = 0
+
+    def settle(block: bool) -> None:
+        while pending and (block or pending[0][0].done() or len(pending) > MAX_QUEUED):
+            future, entry = pending.popleft()
+            _compare_object(comparison, f"{target}/{entry.key}", entry, future.result())
+
+    try:
+        for entry, obj in _merge(entries, listed):
+            if entry is None:
+                assert obj is not None
+                if extra_objects:
+                    comparison.count("objects")
+                    comparison.differ(f"{target}/{obj.key}", "object", None,
+                                      f"present ({obj.size} bytes), not in the snapshot")
+                continue
+            untagged += entry.tags is None
+            if obj is None:
+                _compare_object(comparison, f"{target}/{entry.key}", entry, None)
+                continue
+            pending.append((pool.submit(objects.observe, target, entry.key), entry))
+            settle(False)
+        settle(True)
+    except BaseException:
+        for future, _ in pending:
+            future.cancel()
+        raise
+    if untagged:
+        comparison.skip("tags", f"the snapshot of bucket {source!r} ({record.partition_key}) "
+                                f"is format version 1, which did not record object tags "
+                                f"({untagged} objects)")
+    return comparison
+
+
+def compare_bucket(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint,
+                   bucket: str, target_bucket: str = "", *, prefix: str = "",
+                   extra_objects: bool = False, workers: int = DEFAULT_WORKERS) -> Comparison:
+    """Compare what ``target_bucket`` (default: ``bucket`` itself) has now with the snapshot
+    of ``bucket``, object by object: presence, size, sha256 of the bytes the server returns,
+    content type, user metadata, the PUT headers and tags (not run for a version-1
+    snapshot). Objects only on the target are differences when ``extra_objects``. Items are
+    named ``<target bucket>/<key>``, properties e.g. ``sha256``, ``tag project``,
+    ``metadata source``, ``header Cache-Control``. Reads only."""
+    if bucket not in snapshot_buckets(record):
+        raise InvalidRequest(f"{STORE} backup {record.partition_key} has no snapshot of "
+                             f"bucket {bucket!r}; it has {snapshot_buckets(record)}")
+    target = check_bucket_name(target_bucket or bucket, "target bucket")
+    check_snapshot(repo, record, bucket)
+    objects = _Objects(endpoint.client(), endpoint.reader(), endpoint)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-compare") \
+            as pool:
+        return _compare(objects, pool, repo, record, bucket, target, prefix,
+                        extra_objects=extra_objects)
