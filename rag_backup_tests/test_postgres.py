@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -71,6 +72,12 @@ def test_round_trip_restores_an_identical_database(pg, repo, rich_db):
     report = engine.restore(repo, record, pg, source_database=rich_db, target_database=rich_db)
 
     assert report.matches_manifest and not report.replaced_existing
+    assert report.comparison.not_run == {} and report.comparison.differences == []
+    # views, a materialized view (and its data), a function, schemas with odd names, the GIN
+    # index, constraints, sequences with their values and the large object were all compared
+    assert report.comparison.compared["objects"] >= 15
+    assert report.comparison.compared["sequence_values"] == 3
+    assert report.comparison.compared["table_rows"] == 3
     assert report.rows == fp["rows"] and report.large_objects == 1
     assert pgutil.plain_dump(pg, rich_db) == original
 
@@ -129,10 +136,67 @@ def test_a_killed_backup_leaves_no_manifest_and_the_previous_backup_intact(pg, r
         strays = [p.name for p in partition.iterdir() if p.is_dir() and p.name != first.backup_id]
         assert len(strays) == 1  # the killed backup's directory, ignored by readers
 
-        _, second = take_backup(repo, pg, big)  # the next run commits and sweeps the stray
+        # The next commit removes only the backup it replaces, never another run's directory
+        # (that run might be alive); retention collects the dead run's once stale.
+        _, second = take_backup(repo, pg, big)
+        assert sorted(p.name for p in partition.iterdir() if p.is_dir()) == sorted(
+            strays + [second.backup_id])
+        assert repo.collect_abandoned_backups("postgres") == []  # young: kept
+        gone = repo.collect_abandoned_backups("postgres", older_than=timedelta(0))
+        assert [g.location for g in gone if g.kind == "abandoned backup"] == [
+            str(partition / strays[0])]
         assert sorted(p.name for p in partition.iterdir() if p.is_dir()) == [second.backup_id]
     finally:
         pgutil.drop_database(pg, big)
+
+
+def test_a_server_that_goes_away_mid_dump_is_retried_and_commits_nothing(pg, repo):
+    """pg_dump's backend terminated mid-COPY (as a restart or failover does) is transient:
+    StoreWentAway, which the assets retry like an unreachable server, with pg_dump's own words;
+    no manifest is committed."""
+    import threading
+
+    from rag_backup.defs.common import retry_when_unreachable
+    from rag_backup.errors import StoreUnreachable, StoreWentAway
+
+    db = unique("goes_away")
+    pgutil.create_database(pg, db, schema_sql="")
+    pgutil.execute(pg, db, "CREATE TABLE t AS SELECT g AS id, repeat(md5(g::text), 8) AS payload "
+                           "FROM generate_series(1, 600000) g")
+    outcome: dict = {}
+
+    def take() -> None:
+        try:
+            with repo.begin("postgres", TODAY, "t") as pending:
+                engine.backup(pg, pending, databases=[db])
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=take)
+    admin = pg.connect("postgres")
+    admin.autocommit = True
+    try:
+        worker.start()
+        deadline = time.monotonic() + 60
+        terminated = False
+        with admin.cursor() as cur:
+            while not terminated:
+                assert worker.is_alive() and time.monotonic() < deadline, "no COPY seen"
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = %s AND query LIKE 'COPY %%'", (db,))
+                terminated = any(row[0] for row in cur.fetchall())
+        worker.join(timeout=120)
+    finally:
+        admin.close()
+        pgutil.drop_database(pg, db)
+    error = outcome.get("error")
+    assert isinstance(error, StoreWentAway), error
+    assert isinstance(error, StoreUnreachable)
+    assert f"pg_dump of database {db!r}" in str(error)
+    assert "terminating connection" in str(error) or "closed the connection" in str(error)
+    assert repo.get("postgres", TODAY) is None
+    with pytest.raises(dg.RetryRequested), retry_when_unreachable():
+        raise error
 
 
 def test_restore_over_an_existing_database_needs_its_name_as_confirmation(pg, repo, rich_db):

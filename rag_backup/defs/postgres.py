@@ -10,6 +10,7 @@ from rag_backup.defs.common import (
     StorePolicy,
     apply_retention,
     commit_backup,
+    comparison_metadata,
     verify_and_record,
 )
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
@@ -60,7 +61,7 @@ def postgres_retention(context: dg.AssetExecutionContext, config: RetentionConfi
     """Deletes PostgreSQL backups older than 30 days, never the newest verified one, and
     wipes their partitions so the UI no longer shows them as present."""
     return apply_retention(context, repository.open(), STORE, RETENTION, config.dry_run,
-                           (postgres_backup.key, postgres_backup_verified.key))
+                           (postgres_backup.key, postgres_backup_verified.key), config=config)
 
 
 class RestorePostgresConfig(dg.Config):
@@ -73,7 +74,23 @@ class RestorePostgresConfig(dg.Config):
     confirm: str = Field(default="", description="Restoring over an EXISTING database replaces "
                          "it: type that database's name here to allow it.")
     jobs: int = Field(default=4, description="Parallel pg_restore jobs.")
-    no_owner: bool = Field(default=False, description="Skip ownership (roles missing on target).")
+    no_owner: bool = Field(default=False, description="Skip ownership: everything, the "
+                           "database included, is owned by the connecting user (for a server "
+                           "that lacks the backup's roles; prefer restore_roles).")
+    restore_roles: bool = Field(default=False, description="Before restoring, create the "
+                                "backup's roles (from its globals) that this server lacks, with "
+                                "their attributes, settings, memberships and, if the backup has "
+                                "them, password hashes. Existing roles are not changed. Use it "
+                                "on a new, empty server.")
+    update_existing_roles: bool = Field(default=False, description="With restore_roles: also "
+                                        "reset the attributes, settings and memberships of roles "
+                                        "that already exist to the backup's (never the "
+                                        "connecting user's).")
+    accept_differences: bool = Field(default=False, description="The restored copy is compared "
+                                     "with the backup (objects, sequence values, database "
+                                     "properties, row counts) before the target is touched; a "
+                                     "difference stops the restore. Set this to restore anyway "
+                                     "and only report the differences.")
     allow_unverified: bool = Field(default=False, description="Allow a backup that has not "
                                    "passed verification (not recommended).")
 
@@ -82,7 +99,8 @@ class RestorePostgresConfig(dg.Config):
 def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConfig,
                      repository: BackupRepositoryResource,
                      postgres: PostgresResource) -> dict:
-    """Restore one database of a PostgreSQL backup, then compare row counts with its manifest."""
+    """Restore one database of a PostgreSQL backup, optionally with its roles, and compare the
+    restored copy with the backup before the target is touched."""
     repo = repository.open()
     record = repo.resolve(STORE, config.partition_key, require_verified=not config.allow_unverified)
     target = config.target_database or (
@@ -92,7 +110,9 @@ def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConf
     report = engine.restore(repo, record, postgres.server(), source_database=config.source_database,
                             target_database=target, confirm=config.confirm, jobs=config.jobs,
                             no_owner=config.no_owner, timeout_s=postgres.timeout_s,
-                            log=context.log.info)
+                            log=context.log.info, restore_roles=config.restore_roles,
+                            update_existing_roles=config.update_existing_roles,
+                            accept_differences=config.accept_differences)
     context.add_output_metadata({
         "partition_key": dg.MetadataValue.text(record.partition_key),
         "backup_id": dg.MetadataValue.text(record.backup_id),
@@ -102,17 +122,24 @@ def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConf
         "rows": dg.MetadataValue.int(report.rows),
         "large_objects": dg.MetadataValue.int(report.large_objects),
         "matches_manifest": dg.MetadataValue.bool(report.matches_manifest),
+        "roles_created": dg.MetadataValue.json(report.roles_created),
+        "roles_updated": dg.MetadataValue.json(report.roles_updated),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
+        **comparison_metadata(report.comparison),
     })
     return {"target_database": report.target_database, "rows": report.rows,
-            "tables": report.tables, "backup_id": record.backup_id}
+            "tables": report.tables, "backup_id": record.backup_id,
+            "matches_manifest": report.matches_manifest, "roles_created": report.roles_created,
+            "comparison": report.comparison.to_dict()}
 
 
 @dg.job(tags={"store": STORE, "kind": "restore"})
 def restore_postgres_job():
     """Restore a PostgreSQL backup (a partition or the latest verified) into a scratch database,
-    or over an existing one with explicit confirmation. Row counts are checked against the
-    backup's manifest before the target is touched."""
+    or over an existing one with explicit confirmation, on this or a new server (restore_roles).
+    The restored copy (objects, sequence values, large objects, database comment, settings,
+    role settings, privileges, owner, row counts) is compared with the backup before the target
+    is touched."""
     restore_postgres()
 
 

@@ -26,6 +26,8 @@ import zstandard
 from psycopg2 import sql
 
 from rag_backup import repository
+from rag_backup.engines import pg_catalog, pg_roles
+from rag_backup.engines.comparison import Comparison
 from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
@@ -41,11 +43,22 @@ from rag_backup.repository import BackupRecord, BackupRepository, PendingBackup
 
 STORE = "postgres"
 DUMP_SUFFIX = ".dump.zst"
-GLOBALS_ARTIFACT = "globals.sql.zst"
+GLOBALS_ARTIFACT = pg_roles.GLOBALS_ARTIFACT
 MAX_IDENTIFIER = 63
 Log = Callable[[str], None]
 AUTH_FAILURES = ("password authentication failed", "no password supplied",
                  "no pg_hba.conf entry", "role \"")
+# libpq's and the server's words for a server that went away during a dump (restart, failover,
+# a terminated backend, a cut connection): transient, so the backup is retried. A refused login,
+# a permission error or a damaged table is not.
+SERVER_WENT_AWAY = (
+    "server closed the connection unexpectedly", "terminating connection due to",
+    "could not connect to server", "Connection refused", "the database system is shutting down",
+    "the database system is starting up", "the database system is in recovery mode",
+    "could not receive data from server", "no connection to the server",
+    "SSL connection has been closed unexpectedly", "lost synchronization with server",
+    "Connection reset by peer", "connection timed out", "server conn crashed",
+)
 
 
 def _quiet(_: str) -> None:
@@ -241,7 +254,7 @@ def dump_database(server: PostgresServer, database: str, pending: PendingBackup,
             [server.tool("pg_dump"), "--format=custom", "--compress=0", "--no-password",
              f"--snapshot={snapshot}", f"--dbname={server.dsn(database)}"],
             what=f"pg_dump of database {database!r} on {server.describe()}",
-            timeout=timeout_s, env=server.env())
+            timeout=timeout_s, env=server.env(), transient=SERVER_WENT_AWAY)
         counted: dict[str, Any] = {}
 
         def count() -> None:
@@ -276,7 +289,7 @@ def dump_globals(server: PostgresServer, pending: PendingBackup, *, timeout_s: f
             [server.tool("pg_dumpall"), "--globals-only", "--no-password", *extra,
              f"--dbname={server.dsn('postgres')}"],
             what=f"pg_dumpall --globals-only on {server.describe()}", timeout=timeout_s,
-            env=server.env())
+            env=server.env(), transient=SERVER_WENT_AWAY)
         try:
             compress_into(pending, GLOBALS_ARTIFACT, proc.proc.stdout, zstd_level)
             proc.wait()
@@ -374,7 +387,7 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
     return checks
 
 
-# -- restore -----------------------------------------------------------------------------
+# -- restore ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RestoreReport:
@@ -384,12 +397,15 @@ class RestoreReport:
     tables: int
     rows: int
     large_objects: int
-    mismatches: dict[str, tuple[int, int]]
+    comparison: Comparison
     duration_s: float
+    roles_created: list[str] = field(default_factory=list)
+    roles_updated: list[str] = field(default_factory=list)
 
     @property
     def matches_manifest(self) -> bool:
-        return not self.mismatches
+        """Everything compared and nothing differs (see ``comparison``)."""
+        return self.comparison.matches
 
 
 def _database_exists(admin, name: str) -> bool:
@@ -404,30 +420,123 @@ def _drop_database(admin, name: str) -> None:
             sql.Identifier(name)))
 
 
-def compare_counts(expected: dict[str, int], actual: DatabaseFingerprint
-                   ) -> dict[str, tuple[int, int]]:
-    """Tables whose row counts differ, as ``{table: (manifest, restored)}``."""
-    names = set(expected) | set(actual.tables)
-    return {t: (expected.get(t, -1), actual.tables.get(t, -1)) for t in sorted(names)
-            if expected.get(t, -1) != actual.tables.get(t, -1)}
+def _expected(record: BackupRecord, source_database: str) -> dict[str, Any]:
+    fingerprints = record.manifest.fingerprint["databases"]
+    if source_database not in fingerprints:
+        raise InvalidRequest(f"postgres backup {record.partition_key} has no database "
+                             f"{source_database!r}; it has: {', '.join(sorted(fingerprints))}")
+    return fingerprints[source_database]
+
+
+def _unpack(repo: BackupRepository, record: BackupRecord, source_database: str, tmp: str,
+            log: Log) -> Path:
+    """The database's archive, checked (sha256, zstd) and decompressed into ``tmp``."""
+    artifact = next(a for a in record.manifest.artifacts
+                    if a.path == f"{source_database}{DUMP_SUFFIX}")
+    archive = Path(tmp) / "archive.dump"
+    with open(archive, "wb") as out:
+        decompress_artifact(repo, record, artifact, out=out)
+    log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes")
+    return archive
+
+
+def _compare(server: PostgresServer, admin, archive: pg_catalog.SqlDump,
+             expected: dict[str, Any], database: str, *, name: str, no_owner: bool, jobs: int,
+             timeout_s: float, apply: bool, log: Log
+             ) -> tuple[Comparison, DatabaseFingerprint]:
+    """``database`` against the archive and the manifest. The object list (``pg_dump
+    --schema-only``), the catalog-only entries (sequence values, large objects) and the row
+    counts run in parallel; then, with ``apply``, the archive's database properties are applied
+    (after counting, so a database-level ``statement_timeout`` cannot cut the counts short) and
+    compared. ``name`` is the database's name in the differences (the target of a restore)."""
+    props = pg_catalog.database_properties(archive)
+    owner = server.user if no_owner else None
+
+    def objects() -> Comparison:
+        restored = pg_catalog.dump_schema(server, database, timeout_s=timeout_s)
+        found = Comparison()
+        pg_catalog.compare_objects(archive, restored, found, expected_owner=owner,
+                                   definitions_why_not=pg_catalog.definitions_comparable(
+                                       archive, restored))
+        return found
+
+    def catalog() -> Comparison:
+        conn = server.connect(database)
+        try:
+            conn.set_session(readonly=True, autocommit=True)
+            found = Comparison()
+            pg_catalog.compare_catalog_entries(archive, conn, found, expected_owner=owner)
+            return found
+        finally:
+            conn.close()
+
+    comparison = Comparison()
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="pg-compare") as pool:
+        rows = pool.submit(fingerprint_database, server, database, jobs=jobs)
+        parts = [pool.submit(objects), pool.submit(catalog)]
+        restored = rows.result()
+        for part in parts:
+            comparison.merge(part.result())
+    pg_catalog.compare_rows(expected, restored.tables, restored.large_objects, comparison)
+    if apply and props is not None:
+        pg_catalog.apply_database_properties(admin, props, database, apply_owner=not no_owner,
+                                             log=log)
+    pg_catalog.compare_database_properties(
+        props, expected, pg_catalog.read_database_state(admin, database), comparison,
+        database=name, expected_owner=owner)
+    return comparison, restored
+
+
+def compare_database(repo: BackupRepository, record: BackupRecord, server: PostgresServer,
+                     source_database: str, database: str, *, no_owner: bool = False,
+                     jobs: int = 2, workdir: str | None = None, timeout_s: float = 3600,
+                     log: Log = _quiet) -> Comparison:
+    """Compare an existing ``database`` on ``server`` with ``source_database`` of a backup, as a
+    restore does: the archive's object list, sequence values, large objects, row counts and
+    database properties. Changes nothing. ``no_owner``: expect everything owned by the
+    connecting user (a restore made with ``no_owner``)."""
+    expected = _expected(record, source_database)
+    admin = server.connect("postgres")
+    admin.autocommit = True
+    try:
+        if not _database_exists(admin, database):
+            raise InvalidRequest(f"{server.describe()} has no database {database!r}")
+        with tempfile.TemporaryDirectory(prefix="rag-backup-pg-", dir=workdir) as tmp:
+            archive = _unpack(repo, record, source_database, tmp, log)
+            contents = pg_catalog.read_archive(server.tool("pg_restore"), str(archive), tmp,
+                                               timeout_s=timeout_s)
+            comparison, _ = _compare(server, admin, contents, expected, database,
+                                     name=database, no_owner=no_owner, jobs=jobs,
+                                     timeout_s=timeout_s, apply=False, log=log)
+        return comparison
+    except psycopg2.Error as exc:
+        raise StoreUnreachable(f"comparing {database!r} on {server.describe()} failed: "
+                               f"{tail(str(exc))}") from exc
+    finally:
+        admin.close()
 
 
 def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer, *,
             source_database: str, target_database: str, confirm: str = "", jobs: int = 2,
             no_owner: bool = False, workdir: str | None = None, timeout_s: float = 6 * 3600,
-            log: Log = _quiet) -> RestoreReport:
+            log: Log = _quiet, restore_roles: bool = False, update_existing_roles: bool = False,
+            accept_differences: bool = False) -> RestoreReport:
     """Restore one database of a backup into ``target_database`` on ``server``.
 
-    The archive is checked and restored into a staging database first; the target is touched
-    only once the staging copy matches the manifest's row counts. An existing target is
-    replaced (by rename, then drop) only when ``confirm`` equals its name.
+    With ``restore_roles`` the backup's roles that the server lacks are created first (existing
+    ones are altered only with ``update_existing_roles``), so ownership works on a new server.
+    The archive is restored into a staging database, the archive's database properties
+    (comment, settings, role-in-database settings, ACL, owner) are applied to it, and it is
+    compared with the archive and the manifest (see ``compare_database``). The target is touched
+    only if nothing differs, or ``accept_differences`` is set; otherwise the staging copy is
+    dropped. An existing target is replaced (by rename, then drop) only when ``confirm`` equals
+    its name.
     """
     started = time.monotonic()
-    fingerprints = record.manifest.fingerprint["databases"]
-    if source_database not in fingerprints:
-        raise InvalidRequest(f"postgres backup {record.partition_key} has no database "
-                             f"{source_database!r}; it has: {', '.join(sorted(fingerprints))}")
-    expected = fingerprints[source_database]
+    expected = _expected(record, source_database)
+    if update_existing_roles and not restore_roles:
+        raise InvalidRequest("update_existing_roles applies to the roles of restore_roles: set "
+                             "restore_roles too, or leave update_existing_roles off")
     suffix = f"__restore_{uuid.uuid4().hex[:8]}"
     if not target_database or len(target_database.encode()) > MAX_IDENTIFIER - len(suffix):
         raise InvalidRequest(f"target database name {target_database!r} must be 1 to "
@@ -435,6 +544,7 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
     admin = server.connect("postgres")
     admin.autocommit = True
     staging = target_database + suffix
+    roles = pg_roles.RolesOutcome()
     try:
         exists = _database_exists(admin, target_database)
         if exists and confirm != target_database:
@@ -442,18 +552,19 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
                 f"database {target_database!r} exists on {server.describe()}; restoring over it "
                 f"replaces it: set confirm to {target_database!r} to proceed, or choose another "
                 "target database")
-        artifact = next(a for a in record.manifest.artifacts
-                        if a.path == f"{source_database}{DUMP_SUFFIX}")
         with tempfile.TemporaryDirectory(prefix="rag-backup-pg-", dir=workdir) as tmp:
-            archive = Path(tmp) / "archive.dump"
-            with open(archive, "wb") as out:
-                decompress_artifact(repo, record, artifact, out=out)
-            log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes")
+            archive = _unpack(repo, record, source_database, tmp, log)
+            contents = pg_catalog.read_archive(server.tool("pg_restore"), str(archive), tmp,
+                                               timeout_s=timeout_s)
+            if restore_roles:
+                roles = pg_roles.restore_roles(
+                    admin, pg_roles.read_globals(repo, record), connecting_user=server.user,
+                    with_passwords=record.manifest.fingerprint.get(
+                        "globals_include_role_passwords", True),
+                    update_existing=update_existing_roles, log=log)
             with admin.cursor() as cur:
-                cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {} "
-                                    "LC_COLLATE {} LC_CTYPE {}").format(
-                    sql.Identifier(staging), sql.Literal(expected["encoding"]),
-                    sql.Literal(expected["lc_collate"]), sql.Literal(expected["lc_ctype"])))
+                cur.execute(pg_catalog.create_database_sql(
+                    staging, pg_catalog.database_properties(contents), expected))
             try:
                 argv = [server.tool("pg_restore"), f"--jobs={max(1, jobs)}", "--exit-on-error",
                         "--no-password", f"--dbname={server.dsn(staging)}"]
@@ -461,16 +572,16 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
                     argv.append("--no-owner")
                 run([*argv, str(archive)], what=f"pg_restore into {staging!r} on "
                     f"{server.describe()}", timeout=timeout_s, env=server.env())
-                restored = fingerprint_database(server, staging, jobs=jobs)
-                mismatches = compare_counts(expected["tables"], restored)
-                if restored.large_objects != expected["large_objects"]:
-                    mismatches["(large objects)"] = (expected["large_objects"],
-                                                     restored.large_objects)
-                if mismatches:
+                comparison, restored = _compare(
+                    server, admin, contents, expected, staging, name=target_database,
+                    no_owner=no_owner, jobs=jobs, timeout_s=timeout_s, apply=True, log=log)
+                log(f"compared {dict(comparison.compared)}: {comparison.summary()}")
+                if comparison.differences and not accept_differences:
                     raise IntegrityError(
-                        f"restored copy of {source_database!r} differs from the manifest of "
-                        f"backup {record.partition_key}: {dict(list(mismatches.items())[:10])}; "
-                        f"target {target_database!r} was not touched")
+                        f"restored copy of {source_database!r} differs from backup "
+                        f"{record.partition_key}: {comparison.summary()}; target "
+                        f"{target_database!r} was not touched (set accept_differences to "
+                        "restore it anyway)")
                 _swap_in(admin, staging, target_database, exists)
             except BaseException:
                 _drop_database(admin, staging)
@@ -481,8 +592,8 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
     finally:
         admin.close()
     return RestoreReport(source_database, target_database, exists, len(restored.tables),
-                         restored.rows, restored.large_objects, mismatches,
-                         time.monotonic() - started)
+                         restored.rows, restored.large_objects, comparison,
+                         time.monotonic() - started, roles.created, roles.updated)
 
 
 def _swap_in(admin, staging: str, target: str, replace: bool) -> None:
@@ -507,5 +618,6 @@ def check_credentials(server: PostgresServer) -> None:
 
 __all__ = [
     "STORE", "BackupOutcome", "DatabaseFingerprint", "PostgresServer", "RagBackupError",
-    "RestoreReport", "backup", "check_credentials", "list_databases", "restore", "verify",
+    "RestoreReport", "backup", "check_credentials", "compare_database", "list_databases",
+    "restore", "verify",
 ]
