@@ -350,3 +350,57 @@ def test_s3_cut_mid_backup_is_a_retried_repository_error_and_retention_aborts_th
         meta["stale_writes"].value
     assert direct.list_multipart_uploads(Bucket=bucket, Prefix="rag/").get("Uploads", []) == []
     assert "Contents" not in direct.list_objects_v2(Bucket=bucket, Prefix="rag/postgres/")
+
+
+def test_s3_cut_mid_minio_backup_is_retried_and_what_it_left_is_collected(
+        stack_env, s3_through_proxy):
+    """The repository (on S3, through the proxy) goes away while a MinIO backup streams a large
+    object into a temporary blob: the failure is the repository's own retried error (not the
+    clean-up's), nothing is committed, and the next retention collects the multipart upload and
+    the temporary objects left behind once the repository is back."""
+    from rag_backup.defs.resources import MinioResource
+    from rag_backup.engines import minio as minio_engine
+
+    proxy, repository, direct, repo_bucket = s3_through_proxy
+    source = f"src-{uuid.uuid4().hex[:10]}"
+    direct.create_bucket(Bucket=source)
+    direct.put_object(Bucket=source, Key="small.txt", Body=b"hello" * 100)
+    direct.put_object(Bucket=source, Key="large.bin", Body=os.urandom(12 * 1024 * 1024))
+    minio = MinioResource(endpoint=stack_env["RAG_S3_ENDPOINT"],
+                          access_key=stack_env["RAG_S3_ACCESS_KEY"],
+                          secret_key=stack_env["RAG_S3_SECRET_KEY"], buckets=source)
+    partition = days_ago(0)
+    proxy.cut_after(7 * 1024 * 1024)  # inside the large object's second part
+    result = dg.materialize(
+        [minio_defs.minio_backup], partition_key=partition, raise_on_error=False,
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"repository": repository, "minio": minio})
+    assert not result.success and proxy.cuts == 1
+    [retry] = events(result, dg.DagsterEventType.STEP_UP_FOR_RETRY)
+    chain = error_chain(retry.event_specific_data.error)
+    ours = [e for e in chain if e.cls_name == "RepositoryUnavailable"]
+    assert ours, [e.cls_name for e in chain]
+    assert f"s3://{repo_bucket}/rag/" in ours[0].message
+    assert f"at {proxy.url}" in ours[0].message
+    [failure] = events(result, dg.DagsterEventType.STEP_FAILURE)
+    assert f"s3://{repo_bucket} at {proxy.url}" in automation.root_message(
+        failure.step_failure_data.error)
+    assert "Contents" not in direct.list_objects_v2(
+        Bucket=repo_bucket, Prefix=f"rag/minio/{partition}/manifest")
+    left = direct.list_multipart_uploads(Bucket=repo_bucket, Prefix="rag/").get("Uploads", [])
+    assert [u["Key"] for u in left if minio_engine.TMP_PREFIX in u["Key"]], left
+
+    proxy.heal()
+    collected = dg.materialize(
+        [minio_defs.minio_retention], partition_key=partition,
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"repository": repository, "minio": minio},
+        run_config=dg.RunConfig(ops={"minio_retention": common.RetentionConfig(
+            stale_after_hours=0.0001)}))
+    meta = collected.asset_materializations_for_node("minio_retention")[0].metadata
+    assert meta["stale_writes_collected"].value >= 1
+    assert direct.list_multipart_uploads(Bucket=repo_bucket, Prefix="rag/").get(
+        "Uploads", []) == []
+    leftovers = direct.list_objects_v2(Bucket=repo_bucket,
+                                       Prefix=f"rag/{minio_engine.TMP_PREFIX}/")
+    assert "Contents" not in leftovers
