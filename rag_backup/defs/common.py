@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.defs.partition_index import mark_partitions_deleted
 from rag_backup.defs.partitions import TIMEZONE
 from rag_backup.engines.comparison import Comparison
 from rag_backup.errors import BackupNotFound, RepositoryError, StoreUnreachable
@@ -149,49 +150,6 @@ class RetentionConfig(dg.Config):
         default=False, description="Remove DAMAGED backups (unreadable manifest or "
                                    "verification record) once older than the retention window. "
                                    "Off: they are kept and reported for an operator.")
-
-
-def mark_partitions_deleted(instance: dg.DagsterInstance, asset_keys: tuple[dg.AssetKey, ...],
-                            deleted: list[RetentionDecision]) -> None:
-    """Make the UI stop presenting deleted backups as present.
-
-    Storages that can wipe single partitions (Dagster+) do so. Dagster OSS's SQL storages cannot
-    (``wipe_asset_partitions`` raises NotImplementedError, dagster-io/dagster#14749); there the
-    materializations of those partitions are taken out of the partition index (their events stay
-    in the run logs) and the asset's cached partition status is reset. Either way each deleted
-    partition gets an observation ``present: false`` with the reason, on its timeline.
-    """
-    partitions = [d.partition_key for d in deleted]
-    for key in asset_keys:
-        try:
-            instance.wipe_asset_partitions(key, partitions)
-        except NotImplementedError:
-            _unindex_partitions(instance, key, partitions)
-        for d in deleted:
-            instance.report_runless_asset_event(dg.AssetObservation(
-                asset_key=key, partition=d.partition_key,
-                description=f"backup {d.backup_id} deleted by retention: {d.reason}",
-                metadata={"present": dg.MetadataValue.bool(False),
-                          "backup_id": dg.MetadataValue.text(d.backup_id),
-                          "deleted_because": dg.MetadataValue.text(d.reason)}))
-
-
-def _unindex_partitions(instance: dg.DagsterInstance, key: dg.AssetKey,
-                        partitions: list[str]) -> None:
-    from dagster._core.storage.event_log.schema import AssetKeyTable, SqlEventLogStorageTable
-    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
-
-    storage = instance.event_log_storage
-    if not isinstance(storage, SqlEventLogStorage):
-        return
-    events = SqlEventLogStorageTable
-    with storage.index_connection() as conn:
-        conn.execute(events.update().where(
-            events.c.asset_key == key.to_string(),
-            events.c.partition.in_(partitions),
-        ).values(partition=None))
-        conn.execute(AssetKeyTable.update().where(
-            AssetKeyTable.c.asset_key == key.to_string()).values(cached_status_data=None))
 
 
 def retention_settings(context: dg.AssetExecutionContext, config: RetentionConfig | None
