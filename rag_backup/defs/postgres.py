@@ -10,6 +10,7 @@ from rag_backup.defs.common import (
     StorePolicy,
     apply_retention,
     commit_backup,
+    retry_when_unreachable,
     comparison_metadata,
     verify_and_record,
 )
@@ -107,12 +108,13 @@ def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConf
         f"{config.source_database[:30]}_restore_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}")
     context.log.info(f"restoring {config.source_database!r} from backup {record.backup_id} "
                      f"(partition {record.partition_key}) into {target!r}")
-    report = engine.restore(repo, record, postgres.server(), source_database=config.source_database,
-                            target_database=target, confirm=config.confirm, jobs=config.jobs,
-                            no_owner=config.no_owner, timeout_s=postgres.timeout_s,
-                            log=context.log.info, restore_roles=config.restore_roles,
-                            update_existing_roles=config.update_existing_roles,
-                            accept_differences=config.accept_differences)
+    with retry_when_unreachable():  # staged: a retry starts from a new staging database
+        report = engine.restore(
+            repo, record, postgres.server(), source_database=config.source_database,
+            target_database=target, confirm=config.confirm, jobs=config.jobs,
+            no_owner=config.no_owner, timeout_s=postgres.timeout_s, log=context.log.info,
+            restore_roles=config.restore_roles, update_existing_roles=config.update_existing_roles,
+            accept_differences=config.accept_differences)
     context.add_output_metadata({
         "partition_key": dg.MetadataValue.text(record.partition_key),
         "backup_id": dg.MetadataValue.text(record.backup_id),

@@ -11,6 +11,7 @@ from rag_backup.defs.common import (
     StorePolicy,
     apply_retention,
     commit_backup,
+    retry_when_unreachable,
     verify_and_record,
 )
 from rag_backup.defs.partitions import HOURLY_PARTITIONS, SCHEDULE_STATUS
@@ -134,11 +135,12 @@ def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
         return {"mode": "file", "path": placed.path, "keys": placed.keys}
     if config.mode != "replay":
         raise InvalidRequest(f"mode must be 'replay' or 'file', not {config.mode!r}")
-    report = engine.replay(
-        repo, record, _target(config, redis), dbs=config.dbs or None,
-        target_db=None if config.target_db < 0 else config.target_db, pattern=config.pattern,
-        flush=config.flush, replace=config.replace, confirm=config.confirm,
-        timeout_s=redis.timeout_s, log=context.log.info)
+    with retry_when_unreachable():  # a replay repeated is the same replay
+        report = engine.replay(
+            repo, record, _target(config, redis), dbs=config.dbs or None,
+            target_db=None if config.target_db < 0 else config.target_db,
+            pattern=config.pattern, flush=config.flush, replace=config.replace,
+            confirm=config.confirm, timeout_s=redis.timeout_s, log=context.log.info)
     metadata.update({
         "target": dg.MetadataValue.text(report.target),
         "keys_restored": dg.MetadataValue.int(report.restored),
