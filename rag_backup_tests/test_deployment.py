@@ -7,7 +7,11 @@
   rag_backup reads reaches the code server, the daemon and every run container (and the Helm
   values); every bind mount, build context, Dockerfile, COPY source and script exists;
 - images are pinned, and the tool versions in the user-code image match the store images;
-- both dagster.yaml files pass Dagster's validation, and the Docker one builds a real instance
+- Dagster's storage is its own PostgreSQL service (dagster-postgres), not the one backed up;
+  RAG_DRILL_RULES_FILE is an optional file on a read-only volume;
+- both dagster.yaml files pass Dagster's validation (which rejects a misplaced run monitoring
+  key), run monitoring frees a dead run's pool slot within minutes, the Helm values carry the
+  same monitoring, and the Docker one builds a real instance
   (DockerRunLauncher, Postgres storage) on a PostgreSQL 15 initialised by our init script, as
   the Dagster role that script creates; ``dagster instance migrate`` runs on it;
 - both workspace.yaml files load; the user-code container's command serves the Definitions over
@@ -62,6 +66,7 @@ DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 VENV_BIN = Path(sys.executable).parent
 
 USER_CODE_SERVICE = "dagster-user-code"
+DAGSTER_PG_SERVICE = "dagster-postgres"
 DAEMON_SERVICE = "dagster-daemon"
 WEBSERVER_SERVICE = "dagster-webserver"
 # Absolute host paths a service may bind-mount: the Docker socket, for DockerRunLauncher.
@@ -258,21 +263,30 @@ def dockerignore_excludes(patterns: list[str], relpath: str) -> bool:
 
 
 def env_names_read_by(package: Path, skip: tuple[str, ...] = ()) -> set[str]:
-    """Literal names read through dg.EnvVar(...)/EnvVar.int(...), optional_env(...),
-    os.environ.get/[...]/in, os.getenv: what a deployment must provide."""
+    """Names read through dg.EnvVar(...)/EnvVar.int(...), optional_env(...),
+    os.environ.get/[...]/in, os.getenv, or a mapping named ``environ`` (a parameter defaulting to
+    os.environ): what a deployment must provide. A name is a string literal or a module-level
+    constant holding one (``RULES_ENV = "RAG_DRILL_RULES_FILE"``)."""
     names: set[str] = set()
+    constants: dict[str, str] = {}
 
     def literal(node) -> str | None:
-        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-            else None
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return constants.get(node.id) if isinstance(node, ast.Name) else None
 
     def is_environ(node) -> bool:
-        return isinstance(node, ast.Attribute) and node.attr == "environ"
+        return (isinstance(node, ast.Attribute) and node.attr == "environ") or \
+            (isinstance(node, ast.Name) and node.id == "environ")
 
     for path in package.rglob("*.py"):
         if any(part in skip for part in path.relative_to(package).parts):
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                     for t in n.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call) and node.args:
                 func = node.func
                 dotted = ast.unparse(func)
@@ -384,7 +398,7 @@ def test_compose_file_conforms_to_the_compose_specification(compose_raw, compose
     assert schema_errors(compose_raw) == []
     assert schema_errors(compose) == []
     assert set(compose["services"]) >= {
-        "postgres", "redis", "minio", "minio-init", "etcd", "milvus",
+        "postgres", "redis", "minio", "minio-init", "etcd", "milvus", DAGSTER_PG_SERVICE,
         USER_CODE_SERVICE, WEBSERVER_SERVICE, DAEMON_SERVICE}
 
 
@@ -487,6 +501,49 @@ def test_user_code_daemon_and_runs_get_every_variable_rag_backup_reads(
     assert {k: daemon[k] for k in bare} == {k: user_code[k] for k in bare}
 
 
+def test_dagster_storage_is_its_own_postgresql_not_the_one_backed_up(compose, compose_raw):
+    """Dagster's storage is the dagster-postgres service, with its own volume, credentials and
+    init script; the Dagster services wait for it, and the backed-up server knows nothing of
+    Dagster (a stop or restore of it cannot orphan a run's record or its pool slot)."""
+    services = compose["services"]
+    storage = services[DAGSTER_PG_SERVICE]
+    assert storage["image"] == services["postgres"]["image"]
+    storage_env = service_env(compose, DAGSTER_PG_SERVICE)
+    for name in (USER_CODE_SERVICE, DAEMON_SERVICE, WEBSERVER_SERVICE):
+        env = service_env(compose, name)
+        assert env["DAGSTER_PG_HOST"] == DAGSTER_PG_SERVICE, name
+        assert env["DAGSTER_PG_PORT"] == "5432"
+        for key in ("DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):
+            assert env[key] == storage_env[key], f"{name}: {key} differs from {DAGSTER_PG_SERVICE}"
+        depends = services[name]["depends_on"]
+        assert depends[DAGSTER_PG_SERVICE]["condition"] == "service_healthy", name
+    assert service_env(compose, USER_CODE_SERVICE)["RAG_PG_HOST"] == "postgres"
+    # The init script's inputs: an unprivileged role that is not the server's superuser.
+    assert storage_env["POSTGRES_USER"] != storage_env["DAGSTER_PG_USER"]
+    assert storage_env["POSTGRES_DB"] != storage_env["DAGSTER_PG_DB"]
+    assert storage_env["POSTGRES_PASSWORD"] not in (storage_env["DAGSTER_PG_PASSWORD"], "")
+    assert "$$DAGSTER_PG_USER" in json.dumps(compose_raw["services"][DAGSTER_PG_SERVICE][
+        "healthcheck"]), "healthy only once the init script created the Dagster role"
+    # Separate data, and nothing of Dagster on the backed-up server.
+    volumes = {m.split(":")[0] for m in storage["volumes"]}
+    store_volumes = {m.split(":")[0] for m in services["postgres"]["volumes"]}
+    assert volumes & store_volumes == set() and "dagster-postgres-data" in volumes
+    assert not [k for k in service_env(compose, "postgres") if k.startswith("DAGSTER_")]
+    assert not any("initdb" in m for m in services["postgres"]["volumes"])
+
+
+def test_drill_rules_file_is_an_optional_mounted_file(compose, docker_instance_config):
+    """RAG_DRILL_RULES_FILE is empty by default (built-in rules) and, when set, names a file in
+    the rag-backup-config volume, mounted read-only where the code server and runs read it."""
+    assert parse_env_file(ENV_EXAMPLE)["RAG_DRILL_RULES_FILE"] == ""
+    assert service_env(compose, USER_CODE_SERVICE)["RAG_DRILL_RULES_FILE"] == ""
+    user_code = {m.split(":")[1]: m for m in compose["services"][USER_CODE_SERVICE]["volumes"]}
+    assert user_code["/config"].endswith(":ro")
+    runs = docker_instance_config["run_launcher"]["config"]["container_kwargs"]["volumes"]
+    assert "rag-backup-config:/config:ro" in runs
+    assert "/config/" in (ROOT / ".env.example").read_text()
+
+
 def test_the_webserver_holds_no_store_credentials(compose):
     env = service_env(compose, WEBSERVER_SERVICE)
     assert not [k for k in env if k.startswith("RAG_")]
@@ -540,8 +597,8 @@ def test_the_mounted_scripts_are_where_the_commands_expect_them(compose):
     redis = compose["services"]["redis"]
     mounts = dict(m.split(":")[:2][::-1] for m in redis["volumes"])
     assert (ROOT / mounts[redis["entrypoint"][-1]]).resolve() == REDIS_START
-    postgres = compose["services"]["postgres"]
-    mounts = dict(m.split(":")[:2][::-1] for m in postgres["volumes"])
+    dagster_pg = compose["services"][DAGSTER_PG_SERVICE]
+    mounts = dict(m.split(":")[:2][::-1] for m in dagster_pg["volumes"])
     assert (ROOT / mounts["/docker-entrypoint-initdb.d"]).resolve() == PG_INIT_SCRIPT.parent
     init = compose["services"]["minio-init"]
     in_image = image_files(USER_CODE_DOCKERFILE)
@@ -643,9 +700,44 @@ def test_dagster_yaml_passes_dagster_validation(tmp_path, path):
             assert data.rehydrate() is not None, key
 
 
+def test_dagster_validation_rejects_misplaced_run_monitoring_keys(tmp_path):
+    """The check above has teeth: Dagster's schema knows free_slots_after_run_end_seconds only
+    under run_monitoring (not under concurrency.pools), and rejects unknown keys there."""
+    from dagster._core.errors import DagsterInvalidConfigError
+    from dagster._core.instance.config import dagster_instance_config
+
+    config = load_yaml(ROOT / "dagster.yaml")
+    for broken in ({**config, "concurrency": {**config["concurrency"], "pools": {
+                        **config["concurrency"]["pools"], "free_slots_after_run_end_seconds": 60}}},
+                   {**config, "run_monitoring": {**config["run_monitoring"],
+                                                 "free_slot_after_run_end_seconds": 60}}):
+        (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(broken))
+        with pytest.raises(DagsterInvalidConfigError):
+            dagster_instance_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("path", [ROOT / "dagster.yaml", DOCKER_DAGSTER_YAML],
+                         ids=["repository", "docker"])
+def test_run_monitoring_fails_orphaned_runs_and_frees_their_slots_within_minutes(path):
+    """What the issue needs: monitoring on, slots of ended runs freed, a hung run ended, a crashed
+    run not resumed (the catch-up sensor retries it), and a dead worker's slot free again within
+    5 minutes (two polls plus the grace before freeing). rag_backup_tests/test_orphaned_runs.py
+    proves the mechanism with real processes."""
+    monitoring = load_yaml(path)["run_monitoring"]
+    assert monitoring["enabled"] is True
+    assert monitoring["free_slots_after_run_end_seconds"] > 0
+    assert monitoring["max_runtime_seconds"] >= 4 * 3600, "longer than the RTO of a restore"
+    assert monitoring.get("max_resume_run_attempts", 0) == 0
+    worst_case = 2 * monitoring["poll_interval_seconds"] + \
+        monitoring["free_slots_after_run_end_seconds"]
+    assert worst_case <= 300, f"a dead worker's slot is held up to {worst_case} s"
+    assert monitoring["start_timeout_seconds"] > 0 and monitoring["cancel_timeout_seconds"] > 0
+
+
 def test_docker_dagster_yaml_keeps_the_repository_settings(docker_instance_config):
     repository = load_yaml(ROOT / "dagster.yaml")
-    for key in ("storage", "run_coordinator", "concurrency", "telemetry", "nux"):
+    for key in ("storage", "run_coordinator", "concurrency", "run_monitoring", "telemetry",
+                "nux"):
         assert docker_instance_config[key] == repository[key], key
 
 
@@ -809,6 +901,13 @@ def test_dagster_instance_runs_on_the_dagster_role(postgres_with_dagster_storage
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         assert instance.get_runs(limit=1) == []
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        # Pool slots live in the event log storage, which must support them; monitoring is on.
+        assert instance.event_log_storage.supports_global_concurrency_limits
+        configured = load_yaml(path)["run_monitoring"]
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings == configured
+        assert instance.run_monitoring_max_runtime_seconds == configured["max_runtime_seconds"]
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
         launcher = instance.run_launcher
         if path == DOCKER_DAGSTER_YAML:
             assert type(launcher).__name__ == "DockerRunLauncher"
@@ -1015,6 +1114,26 @@ def test_helm_values_name_the_image_the_storage_and_the_secrets():
         repository["runs"]["max_concurrent_runs"]
     assert env["TMPDIR"]["value"] == "/scratch"
     assert "/scratch" in {m["mountPath"] for m in deployment["volumeMounts"]}
+    # The drill's rules file: optional (a ConfigMap that may be absent), read-only at /config.
+    assert env["RAG_DRILL_RULES_FILE"]["value"] == ""
+    [config] = [v for v in deployment["volumes"] if v["name"] == "config"]
+    assert config["configMap"]["optional"] is True
+    assert {"name": "config", "mountPath": "/config", "readOnly": True} in \
+        deployment["volumeMounts"]
+    # Dagster's storage is not the backed-up server.
+    assert postgresql["postgresqlHost"] != env["RAG_PG_HOST"]["value"]
+
+
+def test_helm_run_monitoring_matches_the_dagster_yaml():
+    """The chart renders dagsterDaemon.runMonitoring into run_monitoring (camelCase keys); the
+    chart renders no max runtime, so Kubernetes enforces it on the run's Job."""
+    values = load_yaml(HELM_VALUES)
+    monitoring = load_yaml(DOCKER_DAGSTER_YAML)["run_monitoring"]
+    camel = {re.sub(r"_(\w)", lambda m: m[1].upper(), k): v for k, v in monitoring.items()
+             if k != "max_runtime_seconds"}
+    assert values["dagsterDaemon"]["runMonitoring"] == camel
+    job_spec = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]["jobSpecConfig"]
+    assert job_spec["activeDeadlineSeconds"] == monitoring["max_runtime_seconds"]
 
 
 # -- the operator's document ---------------------------------------------------------------
@@ -1023,7 +1142,9 @@ def test_deployment_doc_covers_the_operator_steps_and_names_real_files():
     doc = DEPLOYMENT_DOC.read_text()
     for step in ("cp .env.example .env", "docker compose up -d", "dagster instance migrate",
                  "s3://backups/rag-backup", "K8sRunLauncher", "deploy/helm/values.yaml",
-                 "restore_postgres_job", "Launchpad"):
+                 "restore_postgres_job", "Launchpad", "dagster-postgres", "Orphaned runs",
+                 "free_slots_after_run_end_seconds", "RAG_DRILL_RULES_FILE",
+                 "DAGSTER_PG_ADMIN_PASSWORD"):
         assert step in doc, f"docs/deployment.md does not mention {step!r}"
     for path in re.findall(r"`((?:docker|deploy|rag_backup|docs)/[\w./-]+)`", doc):
         assert (ROOT / path).exists(), f"docs/deployment.md names {path}, which does not exist"

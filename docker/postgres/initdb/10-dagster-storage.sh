@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Runs once, when the postgres container initialises an empty data directory (the official image
-# runs /docker-entrypoint-initdb.d/* then). Creates Dagster's own role and database, separate from
-# the RAG service's database ($POSTGRES_DB, owned by the superuser $POSTGRES_USER):
+# Runs once, when the dagster-postgres container initialises an empty data directory (the
+# official image runs /docker-entrypoint-initdb.d/* then). Creates Dagster's own role and
+# database on that server, which holds nothing else (its superuser $POSTGRES_USER, database
+# $POSTGRES_DB = "postgres"):
 #   - role $DAGSTER_PG_USER: LOGIN, no superuser, no CREATEDB, no CREATEROLE;
 #   - database $DAGSTER_PG_DB owned by that role (so it can create Dagster's tables in "public");
-#   - neither database accepts connections from PUBLIC: the dagster role cannot open the RAG
-#     service's database (superusers still can).
+#   - neither database accepts connections from PUBLIC: the dagster role cannot open
+#     $POSTGRES_DB (superusers still can).
+# The same script fits any other PostgreSQL (it is what docs/deployment.md points to for a
+# server you run yourself): run it with PGHOST/PGPORT/PGUSER of a superuser and the
+# DAGSTER_PG_* variables in the environment.
 # The password never reaches a command line: psql reads it from the environment with \getenv
 # (psql 15) and sends it inside the SQL text on stdin. Names are quoted with format('%I').
 #
@@ -26,11 +30,11 @@ dagster_storage_init() {
     dagster_storage_fail "set$missing in .env (see .env.example)" || return 1
   fi
   if [ "$DAGSTER_PG_USER" = "$POSTGRES_USER" ]; then
-    dagster_storage_fail "DAGSTER_PG_USER must differ from the superuser RAG_PG_USER" || return 1
+    dagster_storage_fail "DAGSTER_PG_USER must differ from the server's superuser (POSTGRES_USER)" || return 1
   fi
   export POSTGRES_DB="${POSTGRES_DB:-$POSTGRES_USER}"
   if [ "$DAGSTER_PG_DB" = "$POSTGRES_DB" ]; then
-    dagster_storage_fail "DAGSTER_PG_DB must differ from the RAG service's database" || return 1
+    dagster_storage_fail "DAGSTER_PG_DB must differ from the server's own database (POSTGRES_DB)" || return 1
   fi
 
   psql -X -v ON_ERROR_STOP=1 --no-password --username "$POSTGRES_USER" \
