@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rag_backup.devstack import DevStack
 from rag_backup.engines.postgres import PostgresServer
-from rag_backup.repository import BackupRepository, FilesystemBackend
+from rag_backup.repository import (
+    BackupRecord,
+    BackupRepository,
+    FilesystemBackend,
+    PendingBackup,
+    Verification,
+)
+from rag_backup.repository.manifest import utcnow
 
 ALL_SERVICES = ("postgres", "redis", "s3", "milvus")
 
@@ -68,3 +76,23 @@ def dagster_env(stack_env: dict[str, str], repo_dir: Path,
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAG_BACKUP_REPOSITORY", str(repo_dir))
     return dict(os.environ)
+
+
+def take_backup(repo: BackupRepository, store: str, partition: str,
+                backup: Callable[[PendingBackup], Any],
+                verify: Callable[[BackupRecord], dict[str, Any]] | None = None,
+                run_id: str = "test") -> tuple[Any, BackupRecord]:
+    """Back up ``store`` for ``partition`` (``backup``: an engine's backup into the pending
+    backup), commit it, and, given ``verify`` (an engine's verify), record that verification as
+    passed. Returns the engine's outcome and the committed record."""
+    with repo.begin(store, partition, run_id) as pending:
+        outcome = backup(pending)
+        pending.commit(outcome)
+    record = repo.get(store, partition)
+    assert record is not None
+    if verify is not None:
+        checks = verify(record)
+        repo.record_verification(store, partition, Verification(
+            record.backup_id, True, utcnow(), run_id, checks))
+        record = repo.get(store, partition)
+    return outcome, record

@@ -40,9 +40,9 @@ from rag_backup.repository import (
     BackupRepository,
     FilesystemBackend,
     S3Backend,
-    Verification,
 )
 from rag_backup.repository.manifest import utcnow
+from rag_backup_tests.conftest import take_backup as committed
 from rag_backup_tests.killing import kill_backup_while_writing
 
 DAY = utcnow().strftime("%Y-%m-%d")
@@ -252,16 +252,10 @@ def shape(client: MilvusClient, name: str) -> dict:
 
 def take_backup(repo: BackupRepository, ms: engine.MilvusServer, collections: list[str],
                 partition: str = DAY, verify: bool = True, **kwargs):
-    with repo.begin("milvus", partition, "test") as pending:
-        outcome = engine.backup(ms, pending, collections=collections, **kwargs)
-        pending.commit(outcome)
-    record = repo.get("milvus", partition)
-    if verify:
-        checks = engine.verify(repo, record)
-        repo.record_verification("milvus", partition,
-                                 Verification(record.backup_id, True, utcnow(), "t", checks))
-        record = repo.get("milvus", partition)
-    return outcome, record
+    return committed(
+        repo, "milvus", partition,
+        lambda pending: engine.backup(ms, pending, collections=collections, **kwargs),
+        (lambda record: engine.verify(repo, record)) if verify else None)
 
 
 @pytest.fixture(scope="module")

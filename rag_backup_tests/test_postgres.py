@@ -21,9 +21,10 @@ from rag_backup.errors import (
     CredentialsRejected,
     IntegrityError,
 )
-from rag_backup.repository import BackupRepository, Verification
+from rag_backup.repository import BackupRepository
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests import pgutil
+from rag_backup_tests.conftest import take_backup as committed
 from rag_backup_tests.killing import kill_backup_while_writing
 
 STACK_SERVICES = ("postgres",)  # the stores these tests need (see conftest)
@@ -37,16 +38,9 @@ def unique(prefix: str) -> str:
 
 def take_backup(repo: BackupRepository, pg: engine.PostgresServer, database: str,
                 partition: str = TODAY, verify: bool = True):
-    with repo.begin("postgres", partition, "test-run") as pending:
-        outcome = engine.backup(pg, pending, databases=[database])
-        pending.commit(outcome)
-    record = repo.get("postgres", partition)
-    if verify:
-        checks = engine.verify(repo, record)
-        repo.record_verification("postgres", partition,
-                                 Verification(record.backup_id, True, utcnow(), "t", checks))
-        record = repo.get("postgres", partition)
-    return outcome, record
+    return committed(repo, "postgres", partition,
+                     lambda pending: engine.backup(pg, pending, databases=[database]),
+                     (lambda record: engine.verify(repo, record)) if verify else None)
 
 
 @pytest.fixture

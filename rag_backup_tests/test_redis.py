@@ -23,8 +23,9 @@ from rag_backup.errors import (
     IntegrityError,
     StoreUnreachable,
 )
-from rag_backup.repository import BackupOutcome, BackupRepository, Verification
+from rag_backup.repository import BackupOutcome, BackupRepository
 from rag_backup.repository.manifest import utcnow
+from rag_backup_tests.conftest import take_backup as committed
 from rag_backup_tests.killing import kill_backup_while_writing
 
 STACK_SERVICES = ("redis",)  # the stores these tests need (see conftest)
@@ -90,16 +91,8 @@ def snapshot(client: redis.Redis) -> dict:
 
 def take_backup(repo: BackupRepository, rs: engine.RedisServer, partition: str = HOUR,
                 verify: bool = True):
-    with repo.begin("redis", partition, "test") as pending:
-        outcome = engine.backup(rs, pending)
-        pending.commit(outcome)
-    record = repo.get("redis", partition)
-    if verify:
-        checks = engine.verify(repo, record)
-        repo.record_verification("redis", partition,
-                                 Verification(record.backup_id, True, utcnow(), "t", checks))
-        record = repo.get("redis", partition)
-    return outcome, record
+    return committed(repo, "redis", partition, lambda pending: engine.backup(rs, pending),
+                     (lambda record: engine.verify(repo, record)) if verify else None)
 
 
 def test_replay_round_trip_keeps_every_type_value_and_expiry(test_dbs, repo):

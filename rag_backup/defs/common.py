@@ -20,7 +20,6 @@ from rag_backup.repository import (
     BackupRepository,
     Manifest,
     PendingBackup,
-    RetentionDecision,
     StaleWrite,
     Verification,
 )
