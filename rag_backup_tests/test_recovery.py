@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from rag_backup import consistency
 from rag_backup.defs import milvus as milvus_defs
 from rag_backup.defs import minio as minio_defs
 from rag_backup.defs import postgres as pg_defs
@@ -26,6 +29,8 @@ from rag_backup_tests import pgutil
 
 DAY = utcnow().strftime("%Y-%m-%d")
 HOUR = utcnow().strftime("%Y-%m-%d-%H:00")
+SERVICE_DB = "kb_drill"  # a second service database, not named ragqa
+MISSING_THUMB = "thumbnails/never-uploaded.png"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def resources(pg, stack_env, shared_repo_dir):
     return {
         "repository": BackupRepositoryResource(location=str(shared_repo_dir)),
         "postgres": PostgresResource(host=pg.host, port=pg.port, user=pg.user,
-                                     password=pg.password, databases="ragqa"),
+                                     password=pg.password, databases=f"ragqa,{SERVICE_DB}"),
         "redis": RedisResource(host=stack_env["RAG_REDIS_HOST"],
                                port=int(stack_env["RAG_REDIS_PORT"]),
                                password=stack_env["RAG_REDIS_PASSWORD"]),
@@ -69,10 +74,25 @@ def buckets(s3) -> set[str]:
     return {b["Name"] for b in s3.list_buckets()["Buckets"]}
 
 
+def create_service_db(pg) -> None:
+    """``kb_drill.lib.papers``: one row per document with an image (``pid`` its id, so its
+    ``ministry_images`` vector id), ``file_ref`` its object's key in bucket ``documents``,
+    ``thumb_ref`` its image's key, except one that was never uploaded."""
+    documents = pgutil.execute(pg, "ragqa", "SELECT id, object_key, image_key FROM documents "
+                                            "WHERE image_key IS NOT NULL ORDER BY id")
+    rows = ", ".join(f"({i}, '{key.split('/', 1)[1]}', "
+                     f"'{MISSING_THUMB if n == 0 else image.split('/', 1)[1]}')"
+                     for n, (i, key, image) in enumerate(documents))
+    pgutil.create_database(pg, SERVICE_DB, "CREATE SCHEMA lib; CREATE TABLE lib.papers ("
+                           "pid bigint PRIMARY KEY, file_ref text NOT NULL, thumb_ref text);"
+                           f"INSERT INTO lib.papers VALUES {rows};")
+
+
 @pytest.fixture(scope="module")
-def backed_up(resources):
-    """Verified backups of PostgreSQL (ragqa), Redis and MinIO, taken by the real assets once
-    for the module (the tests only read them)."""
+def backed_up(pg, resources):
+    """Verified backups of PostgreSQL (ragqa and kb_drill), Redis, MinIO and Milvus, taken by
+    the real assets once for the module (the tests only read them)."""
+    create_service_db(pg)
     instance = dg.DagsterInstance.ephemeral()
     for assets, key in (([pg_defs.postgres_backup, pg_defs.postgres_backup_verified], DAY),
                         ([redis_defs.redis_backup, redis_defs.redis_backup_verified], HOUR),
@@ -80,7 +100,8 @@ def backed_up(resources):
                         ([milvus_defs.milvus_backup, milvus_defs.milvus_backup_verified], DAY)):
         assert dg.materialize(assets, partition_key=key, instance=instance,
                               resources=resources).success
-    return instance
+    yield instance
+    pgutil.drop_database(pg, SERVICE_DB)
 
 
 def run_restore_all(resources, instance, **config):
@@ -109,47 +130,71 @@ def test_a_point_before_every_backup_is_refused(resources, backed_up):
         result.failure_data_for_node("restore_all_stores").error)
 
 
-def test_restore_all_into_scratch_targets(pg, s3, resources, backed_up, repo, tmp_path):
+def remove_scratch(pg, s3, resources, databases: set[str], buckets_: set[str],
+                   collections: list[str]) -> None:
+    recovery.drop_collections(resources["milvus"], dict(zip(collections, collections)))
+    for name in databases:
+        pgutil.drop_database(pg, name)
+    recovery.remove_buckets(resources["minio"], {b: b for b in buckets_})
+
+
+def test_restore_all_restores_every_database_into_targets_of_one_timestamp(
+        pg, s3, resources, backed_up, repo, tmp_path):
     databases_before, buckets_before = pgutil.databases(pg), buckets(s3)
     result = run_restore_all(resources, backed_up, scratch_dir=str(tmp_path / "scratch"))
-    assert result.success, result.failure_data_for_node("restore_all_stores")
-    restored = result.output_for_node("restore_all_stores")["restored"]
     created = pgutil.databases(pg) - databases_before
+    restored = result.output_for_node("restore_all_stores")["restored"] if result.success \
+        else {}
     try:
-        assert created == {restored["postgres"]["target"]}
-        [scratch_db] = created
-        assert pgutil.execute(pg, scratch_db, "SELECT count(*) FROM documents") == \
-            pgutil.execute(pg, "ragqa", "SELECT count(*) FROM documents")
-        assert restored["postgres"]["matches_manifest"]
+        assert result.success, result.failure_data_for_node("restore_all_stores")
+        # every database of the backup, by default; all targets named with one timestamp
+        assert {name.rsplit("_pit_", 1)[0] for name in created} == {"ragqa", SERVICE_DB}
+        assert created == set(restored["postgres"]["target"].split(", "))
+        targets = [*created, restored["redis"]["target"],
+                   *restored["minio"]["target"].split(", "),
+                   *restored["milvus"]["target"].split(", ")]
+        stamps = {re.search(r"[_-]pit[_-](\d{14})|redis-(\d{14})-", t) for t in targets}
+        assert None not in stamps, targets
+        assert len({m.group(1) or m.group(2) for m in stamps}) == 1, targets
+        assert len(targets) == 2 + 1 + 2 + 2
+        for db in ("ragqa", SERVICE_DB):
+            query = "SELECT count(*) FROM " + ("documents" if db == "ragqa" else "lib.papers")
+            [scratch_db] = [name for name in created if name.startswith(f"{db}_pit_")]
+            assert pgutil.execute(pg, scratch_db, query) == pgutil.execute(pg, db, query)
         rdb = Path(restored["redis"]["target"])
         assert rdb.name == "dump.rdb" and rdb.stat().st_size > 0
         assert restored["redis"]["keys"] == repo.get("redis", HOUR).manifest.fingerprint["keys"]
-        assert restored["redis"]["matches_manifest"]
         scratch_buckets = buckets(s3) - buckets_before
         assert scratch_buckets == set(restored["minio"]["target"].split(", "))
-        assert restored["minio"]["matches_manifest"] and restored["minio"]["buckets"] == 2
-        assert restored["milvus"]["matches_manifest"] and restored["milvus"]["collections"] == 2
+        assert restored["minio"]["buckets"] == 2 and restored["milvus"]["collections"] == 2
         for bucket in scratch_buckets:
             source = bucket.split("-pit-")[0]
             assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == \
                 s3.list_objects_v2(Bucket=source)["KeyCount"]
+        # every store reports the same shape: matches_manifest and what it compared
+        [output] = [e for e in result.all_node_events if e.event_type_value == "STEP_OUTPUT"]
+        meta = output.event_specific_data.metadata
+        for store in ("postgres", "redis", "minio", "milvus"):
+            comparison = restored[store]["comparison"]
+            assert restored[store]["matches_manifest"] is comparison["matches"] is True
+            assert comparison["compared"] and not comparison["not_run"], (store, comparison)
+            assert meta[f"{store}_matches_manifest"].value is True
+            assert meta[f"{store}_differences"].value == 0
+            for aspect, n in comparison["compared"].items():
+                assert meta[f"{store}_compared_{aspect}"].value == n > 0
+        assert restored["milvus"]["comparison"]["compared"]["collections"] == 2
+        assert restored["redis"]["comparison"]["compared"] == {"rdb": 1}
     finally:
-        if "milvus" in restored:
-            targets = restored["milvus"]["target"].split(", ")
-            recovery.drop_collections(resources["milvus"], recovery.Restored(
-                "milvus", "", "", utcnow(), "", 0, True, handle=dict(zip(targets, targets))))
-        for name in created:
-            pgutil.drop_database(pg, name)
-        for bucket in buckets(s3) - buckets_before:
-            recovery.remove_buckets(resources["minio"], recovery.Restored(
-                "minio", "", "", utcnow(), "", 0, True, handle={bucket: bucket}))
+        remove_scratch(pg, s3, resources, created, buckets(s3) - buckets_before,
+                       restored.get("milvus", {}).get("target", "").split(", ")
+                       if restored else [])
 
 
 def test_production_needs_every_confirmation(pg, resources, backed_up):
     before = pgutil.databases(pg)
     result = run_restore_all(resources, backed_up, into_production=True, stores=["postgres"])
     assert not result.success
-    assert "set postgres_confirm to 'ragqa'" in str(
+    assert "set postgres_confirm to 'kb_drill,ragqa'" in str(
         result.failure_data_for_node("restore_all_stores").error)
     result = run_restore_all(resources, backed_up, into_production=True, stores=["redis"])
     assert "set redis_confirm to '127.0.0.1:" in str(
@@ -163,18 +208,154 @@ def test_production_needs_every_confirmation(pg, resources, backed_up):
     assert pgutil.databases(pg) == before
 
 
-def test_restore_drill_records_restore_times_and_leaves_nothing_behind(pg, s3, resources,
-                                                                       backed_up):
+def drill(resources, instance, monkeypatch, rules_file: Path | None = None):
+    if rules_file is None:
+        monkeypatch.delenv(consistency.RULES_ENV, raising=False)
+    else:
+        monkeypatch.setenv(consistency.RULES_ENV, str(rules_file))
+    return dg.materialize([recovery.restore_drill], instance=instance, resources=resources,
+                          raise_on_error=False)
+
+
+def latest_observation(instance) -> dict:
+    [record] = instance.fetch_observations(dg.AssetKey("restore_drill"), limit=1).records
+    return record.asset_observation.metadata
+
+
+def assert_nothing_left_behind(pg, s3, resources, databases_before, buckets_before) -> None:
+    assert pgutil.databases(pg) == databases_before
+    assert buckets(s3) == buckets_before
+    with resources["milvus"].server().session() as client:
+        assert not [c for c in client.list_collections() if "_drill_" in c]
+
+
+def test_restore_drill_records_restore_times_and_leaves_nothing_behind(
+        pg, s3, resources, backed_up, monkeypatch):
     before, buckets_before = pgutil.databases(pg), buckets(s3)
-    result = dg.materialize([recovery.restore_drill], instance=backed_up, resources=resources)
+    result = drill(resources, backed_up, monkeypatch)
     assert result.success
     [mat] = result.asset_materializations_for_node("restore_drill")
     meta = mat.metadata
-    assert meta["postgres_restore_s"].value > 0 and meta["redis_restore_s"].value > 0
     assert meta["consistent"].value is True
-    assert meta["postgres_rows"].value > 0 and meta["redis_keys"].value > 0
-    assert meta["minio_restore_s"].value > 0 and meta["minio_objects"].value > 0
-    assert meta["objects_missing"].value == 0
-    assert meta["milvus_restore_s"].value > 0 and meta["milvus_rows"].value > 0
-    assert meta["vectors_without_document"].value == 0
-    assert pgutil.databases(pg) == before and buckets(s3) == buckets_before
+    for store in ("postgres", "redis", "minio", "milvus"):
+        assert meta[f"{store}_restore_s"].value > 0
+        assert meta[f"{store}_matches_manifest"].value is True
+        assert meta[f"{store}_differences"].value == 0
+    assert meta["postgres_databases"].value == 2 and meta["postgres_rows"].value > 0
+    assert meta["redis_keys"].value > 0 and meta["minio_objects"].value > 0
+    assert meta["milvus_rows"].value > 0
+    # the RAG service's rules, by default, evaluated on the restored copies
+    assert meta["rules_source"].value.startswith("built-in")
+    assert meta["rules_passed"].value == 3 and meta["rules_not_run"].value == 0
+    for rule in ("vectors_have_documents", "document_objects_exist", "document_images_exist"):
+        assert meta[f"rule_{rule}_status"].value == "passed"
+        assert meta[f"rule_{rule}_violations"].value == 0
+    assert meta["rule_vectors_have_documents_checked_ids"].value == meta["milvus_rows"].value
+    assert meta["rule_document_objects_exist_checked_keys"].value == \
+        meta["minio_objects"].value
+    assert_nothing_left_behind(pg, s3, resources, before, buckets_before)
+
+
+RULES = f"""
+rules:
+  - name: image_vectors_have_papers
+    check: milvus_ids_in_column
+    collections: [ministry_images]
+    column: {SERVICE_DB}.lib.papers.pid
+  - name: text_vectors_have_papers
+    check: milvus_ids_in_column
+    collections: ["ministry_t*"]
+    column: {SERVICE_DB}.lib.papers.pid
+  - name: paper_files_exist
+    check: column_values_are_objects
+    bucket: documents
+    column: {SERVICE_DB}.lib.papers.file_ref
+  - name: paper_thumbs_exist
+    check: column_values_are_objects
+    bucket: documents
+    column: {SERVICE_DB}.lib.papers.thumb_ref
+  - name: reviews_exist
+    check: column_values_are_objects
+    column: {SERVICE_DB}.lib.reviews.file_ref
+  - name: audio_vectors_have_papers
+    check: milvus_ids_in_column
+    collections: ["audio_*"]
+    column: {SERVICE_DB}.lib.papers.pid
+  - name: scans_exist
+    check: column_values_are_objects
+    bucket: scans
+    column: {SERVICE_DB}.lib.papers.file_ref
+"""
+
+
+def test_drill_rules_from_a_file_on_another_database_name_violations_and_what_did_not_run(
+        pg, s3, resources, backed_up, monkeypatch, tmp_path):
+    before, buckets_before = pgutil.databases(pg), buckets(s3)
+    rules_file = tmp_path / "drill-rules.yaml"
+    rules_file.write_text(RULES)
+    result = drill(resources, backed_up, monkeypatch, rules_file)
+    assert not result.success
+    assert not result.asset_materializations_for_node("restore_drill")
+    error = str(result.failure_data_for_node("restore_drill").error)
+    assert "rule text_vectors_have_papers failed" in error
+    assert "rule paper_thumbs_exist failed: 1 violation(s)" in error
+    assert f"e.g. {MISSING_THUMB}" in error
+    assert (f"rule reviews_exist not run: table lib.reviews does not exist in database "
+            f"'{SERVICE_DB}' (restored as '{SERVICE_DB}_drill_") in error
+    assert "rule audio_vectors_have_papers not run: no collection of the restored Milvus " \
+        "backup matches 'audio_*'" in error
+    assert "rule scans_exist not run: bucket 'scans' is not in the restored MinIO backup" \
+        in error
+    for passed in ("image_vectors_have_papers", "paper_files_exist"):
+        assert f"rule {passed}" not in error
+    meta = latest_observation(backed_up)
+    assert meta["consistent"].value is False
+    assert meta["rules_source"].value == str(rules_file)
+    assert (meta["rules_passed"].value, meta["rules_failed"].value,
+            meta["rules_not_run"].value) == (2, 2, 3)
+    papers = pgutil.execute(pg, SERVICE_DB, "SELECT count(*) FROM lib.papers")[0][0]
+    texts = pgutil.execute(pg, "ragqa", "SELECT count(*) FROM documents")[0][0]
+    assert meta["rule_image_vectors_have_papers_status"].value == "passed"
+    assert meta["rule_image_vectors_have_papers_checked_ids"].value == papers
+    assert meta["rule_image_vectors_have_papers_checked_rows"].value == papers
+    assert meta["rule_text_vectors_have_papers_violations"].value == texts - papers
+    assert meta["rule_paper_thumbs_exist_violations"].value == 1
+    assert meta["rule_scans_exist_status"].value == "not run"
+    assert "rule_scans_exist_violations" not in meta
+    assert MISSING_THUMB in meta["rules"].value and "lib.reviews" in meta["rules"].value
+    for store in ("postgres", "redis", "minio", "milvus"):  # restored fine, times recorded
+        assert meta[f"{store}_restore_s"].value > 0
+        assert meta[f"{store}_matches_manifest"].value is True
+    assert_nothing_left_behind(pg, s3, resources, before, buckets_before)
+
+
+def test_a_failed_store_restore_still_records_every_restore_time(pg, s3, resources, backed_up,
+                                                                 monkeypatch):
+    """MinIO is unreachable: the other stores are still restored, timed, checked with the
+    rules that can run, and removed; the drill fails naming what did not work."""
+    before, buckets_before = pgutil.databases(pg), buckets(s3)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    minio = resources["minio"]
+    broken = dict(resources, minio=MinioResource(endpoint=closed, access_key=minio.access_key,
+                                                 secret_key=minio.secret_key))
+    result = drill(broken, backed_up, monkeypatch)
+    assert not result.success
+    error = str(result.failure_data_for_node("restore_drill").error)
+    assert "minio: the restore failed:" in error and closed in error
+    assert "rule document_objects_exist not run: MinIO was not restored (" in error
+    assert "rule document_images_exist not run: MinIO was not restored (" in error
+    assert "rule vectors_have_documents" not in error  # it ran on what was restored: passed
+    meta = latest_observation(backed_up)
+    assert meta["consistent"].value is False
+    assert meta["minio_matches_manifest"].value is False
+    assert "the restore failed" in meta["minio_not_compared"].value
+    assert meta["minio_restore_s"].value > 0
+    for store in ("postgres", "redis", "milvus"):  # the others were still restored and timed
+        assert meta[f"{store}_restore_s"].value > 0
+        assert meta[f"{store}_matches_manifest"].value is True
+    assert meta["rule_vectors_have_documents_status"].value == "passed"
+    assert meta["rule_vectors_have_documents_checked_ids"].value == meta["milvus_rows"].value
+    assert meta["rules_not_run"].value == 2
+    assert_nothing_left_behind(pg, s3, resources, before, buckets_before)

@@ -638,6 +638,31 @@ def _iterate(client: MilvusClient, server: MilvusServer, name: str, partition: s
         yield rows, vectors
 
 
+def iter_primary_keys(server: MilvusServer, name: str, *, batch_rows: int = 8192
+                      ) -> Iterator[list[Any]]:
+    """The primary keys of every entity of a loaded collection, in batches of at most
+    ``batch_rows`` (the server's iterator: only the key field is read, memory is one batch)."""
+    batch_rows = max(MIN_BATCH, min(batch_rows, MAX_BATCH))
+    with server.session() as client:
+        where = f"reading the primary keys of {name!r}"
+        with calls(server, where):
+            info = client.describe_collection(name, timeout=server.timeout_s)
+            primary = next(f["name"] for f in info["fields"] if f.get("is_primary"))
+            iterator = client.query_iterator(name, batch_size=batch_rows,
+                                             output_fields=[primary],
+                                             timeout=server.long_timeout_s)
+        try:
+            while True:
+                with calls(server, where):
+                    batch = iterator.next()
+                if not batch:
+                    return
+                yield [row[primary] for row in batch]
+        finally:
+            with suppress(Exception):
+                iterator.close()
+
+
 def search_params(desc: Mapping[str, Any], index: Mapping[str, Any]) -> dict[str, Any]:
     """Search params that make the probe searches (close to) exact for the index type."""
     kind = (index.get("index_type") or "").upper()
