@@ -2,7 +2,7 @@
 
 What is compared, in one run, on one bucket of ``--objects`` objects (default 10,000) of mixed
 sizes (80% 1-8 KB, 18% 8-64 KB, 1.9% 64 KB-1 MB, 0.1% 9-12 MB; content types and user
-metadata set) on a dedicated moto S3 server started with the devstack:
+metadata set, every tenth object tagged) on a dedicated moto S3 server started with the devstack:
 
 full backup (night 1)
   rclone    ``rclone sync src:BUCKET DIR`` into an empty directory: the runbook's
@@ -17,6 +17,13 @@ next night, after 1% of the objects were overwritten
   rclone    ``rclone sync`` again onto its mirror (compares size and modification time)
   ours      ``backup()`` of the next day's partition: lists, reuses unchanged objects from the
             previous snapshot, copies only the changed ones
+restore of the whole bucket (the next night's data) into an empty bucket
+  rclone    ``rclone sync MIRROR dst:BUCKET`` from its mirror back into an empty bucket (8
+            transfers; it checks each upload's MD5 against the ETag)
+  ours      ``engines.minio.restore()`` (8 workers) of the next night's snapshot into an empty
+            bucket: the pre-flight (snapshot and every blob hashed before anything is written;
+            its seconds are in the note), the copy (each blob hashed again as it is read), then
+            the comparison that reads every object back
 
 Measurement (see ``measure.py``): each contender runs in its own process session; wall time,
 CPU and the peak RSS of its process tree. The S3 server's own work counts in wall time only.
@@ -119,8 +126,10 @@ def populate(client, count: int, seed: int = 20261124) -> tuple[list[str], int]:
 
     def upload(spec: tuple[str, int, str]) -> None:
         key, size, content_type = spec
+        tagging = {"Tagging": f"project=bench&n={key[-10:-4]}"} if key[-5] == "7" else {}
         client.put_object(Bucket=BUCKET, Key=key, Body=os.urandom(size),
-                          ContentType=content_type, Metadata={"source": "bench", "n": key[-10:]})
+                          ContentType=content_type, Metadata={"source": "bench", "n": key[-10:]},
+                          **tagging)
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(upload, specs))
@@ -143,8 +152,9 @@ def change(client, keys: list[str], share: float, seed: int = 7) -> tuple[int, i
 # -- contenders ------------------------------------------------------------------------------
 
 def worker(argv: list[str]) -> int:
-    """``_worker backup|verify REPO PARTITION``: one engine call; a JSON summary on stdout."""
-    action, repo_dir, partition = argv
+    """``_worker backup|verify|restore REPO PARTITION [TARGET]``: one engine call; a JSON
+    summary on stdout."""
+    action, repo_dir, partition, *target = argv
     s3 = engine.S3Endpoint(os.environ["RAG_S3_ENDPOINT"], os.environ["RAG_S3_ACCESS_KEY"],
                            os.environ["RAG_S3_SECRET_KEY"], os.environ["RAG_S3_REGION"],
                            max_connections=2 * WORKERS)
@@ -155,7 +165,16 @@ def worker(argv: list[str]) -> int:
             pending.commit(out)
         print(json.dumps({"objects": out.objects, "bytes": out.bytes,
                           "copied": out.objects_copied, "bytes_copied": out.bytes_copied,
-                          "reused": out.objects_reused}))
+                          "reused": out.objects_reused,
+                          "tag_reads_saved": out.fingerprint["transfer"].get(
+                              "tag_reads_saved", 0)}))
+    elif action == "restore":
+        report = engine.restore(repo, repo.get("minio", partition), s3, buckets=[BUCKET],
+                                target_bucket=target[0], workers=WORKERS)
+        print(json.dumps({"restored": report.total("restored"),
+                          "bytes_restored": report.total("bytes_restored"),
+                          "matches": report.matches_snapshot,
+                          "preflight": report.preflight.to_dict()}))
     else:
         checks = engine.verify(repo, repo.get("minio", partition), workers=WORKERS)
         print(json.dumps({k: v for k, v in checks.items() if isinstance(v, int)}))
@@ -176,6 +195,13 @@ def rclone_env(env: dict[str, str]) -> dict[str, str]:
             "RCLONE_CONFIG_SRC_REGION": env["RAG_S3_REGION"],
             "RCLONE_CONFIG_SRC_FORCE_PATH_STYLE": "true",
             "RCLONE_CONFIG": "/dev/null"}
+
+
+def rclone_restore_argv(mirror: Path, bucket: str, log_file: Path) -> list[str]:
+    """The mirror back into ``bucket`` (the remote ``src:``, i.e. the same server)."""
+    return ["rclone", "sync", str(mirror), f"src:{bucket}", "--transfers", str(WORKERS),
+            "--checkers", str(2 * WORKERS), "--fast-list", "--stats", "0", "-v",
+            "--log-file", str(log_file)]
 
 
 def rclone_argv(mirror: Path, log_file: Path) -> list[str]:
@@ -237,7 +263,7 @@ def benchmark(count: int, share: float, work: Path) -> dict:
                               me("backup", str(repo), NIGHT1), env)
         out = json.loads(stats.stdout)
         row.objects_copied, row.mb_copied = out["copied"], out["bytes_copied"] / MB
-        row.note = f"{out['reused']} reused"
+        row.note = f"{out['reused']} reused, {out['tag_reads_saved']} tag reads saved"
         rows.append(row)
 
         row, stats = measured("verify", "ours", "verify() all blobs",
@@ -261,8 +287,29 @@ def benchmark(count: int, share: float, work: Path) -> dict:
         row.objects_copied, row.mb_copied = out["copied"], out["bytes_copied"] / MB
         row.note = f"{out['reused']} reused"
         rows.append(row)
+
+        # Restore the whole bucket (the next night's data: what the mirror holds too) into an
+        # empty bucket each.
+        for target in ("bench-restore-rclone", "bench-restore-ours"):
+            client.create_bucket(Bucket=target)
+        row, _ = measured("restore", "rclone", "rclone sync mirror->empty bucket",
+                          rclone_restore_argv(mirror, "bench-restore-rclone", rlog),
+                          rclone_env(env))
+        row.objects_copied = rclone_copied(rlog)
+        rows.append(row)
+
+        row, stats = measured("restore", "ours", f"restore() {WORKERS} workers, empty bucket",
+                              me("restore", str(repo), NIGHT2, "bench-restore-ours"), env)
+        out = json.loads(stats.stdout)
+        pre = out["preflight"]
+        preflight_s = pre["duration_s"]
+        row.objects_copied, row.mb_copied = out["restored"], out["bytes_restored"] / MB
+        row.note = (f"pre-flight {pre['duration_s']:.2f} s ({pre['blobs_checked']} blobs, "
+                    f"{pre['bytes_hashed'] / MB:.1f} MB hashed); matches {out['matches']}")
+        rows.append(row)
         repo_mb = tree_bytes(repo) / MB
         return {"objects": count, "bytes": total, "changed": changed,
+                "restore_preflight_s": preflight_s,
                 "changed_bytes": changed_bytes, "repository_mb_after_two_nights": repo_mb,
                 "mirror_mb": tree_bytes(mirror) / MB, "rows": [asdict(r) for r in rows]}
     finally:
@@ -274,11 +321,11 @@ def render(report: dict) -> str:
     lines = [f"MinIO benchmark: {n:,} objects, {mb:.1f} MB, on moto S3 (one core); next night "
              f"{report['changed']} objects ({report['changed_bytes'] / MB:.1f} MB) overwritten",
              "",
-             f"{'phase':7}{'who':7}{'what':34}{'wall s':>8}{'obj/s':>9}{'MB/s':>8}"
+             f"{'phase':8}{'who':7}{'what':34}{'wall s':>8}{'obj/s':>9}{'MB/s':>8}"
              f"{'copied':>8}{'tree RSS MB':>13}{'proc RSS MB':>13}{'CPU s':>8}  note"]
     by = {(r["phase"], r["who"]): r for r in report["rows"]}
     for r in report["rows"]:
-        lines.append(f"{r['phase']:7}{r['who']:7}{r['what']:34}{r['wall_s']:8.2f}"
+        lines.append(f"{r['phase']:8}{r['who']:7}{r['what']:34}{r['wall_s']:8.2f}"
                      f"{n / r['wall_s']:9,.0f}{mb / r['wall_s']:8.1f}{r['objects_copied']:8,}"
                      f"{r['tree_rss_mb']:13.1f}{r['proc_rss_mb']:13.1f}{r['cpu_s']:8.2f}"
                      f"  {r['note']}")
@@ -303,6 +350,12 @@ def render(report: dict) -> str:
               f"{ratio((full, 'ours'), (full, 'boto3'), 'tree_rss_mb'):.2f}",
               f"  next tree RSS,     ours / rclone sync        "
               f"{ratio((nxt, 'ours'), (nxt, 'rclone'), 'tree_rss_mb'):.2f}",
+              f"  restore time,      ours / rclone sync        "
+              f"{ratio(('restore', 'ours'), ('restore', 'rclone')):.2f}",
+              f"  restore tree RSS,  ours / rclone sync        "
+              f"{ratio(('restore', 'ours'), ('restore', 'rclone'), 'tree_rss_mb'):.2f}",
+              f"  restore pre-flight / ours restore time       "
+              f"{report['restore_preflight_s'] / by[('restore', 'ours')]['wall_s']:.2f}",
               "",
               f"repository after two nights: {report['repository_mb_after_two_nights']:.1f} MB "
               f"(two restorable days); rclone mirror: {report['mirror_mb']:.1f} MB (one day)"]

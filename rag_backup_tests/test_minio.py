@@ -405,6 +405,51 @@ def test_a_tag_only_change_is_caught_by_the_next_incremental_backup(
     assert tags_of(client, scratch, "doc/07") == {"n": "7"}
 
 
+def fill_every_third_tagged(client, bucket: str, n: int = 30) -> dict[str, dict[str, str]]:
+    tags = {}
+    for i in range(n):
+        tags[f"doc/{i:02d}"] = {"n": str(i), "kind": "third"} if i % 3 == 0 else {}
+        put(client, bucket, f"doc/{i:02d}", f"document {i}".encode(), "text/plain",
+            Tagging=engine._tag_header(tags[f"doc/{i:02d}"]))
+    return tags
+
+
+def test_tags_of_downloaded_objects_come_from_the_get_once_the_header_is_proven(
+        client, s3, repo, new_bucket):
+    """moto, like S3, sends x-amz-tagging-count on a GET of a tagged object: once one tagged
+    object's GetObjectTagging agreed with its GET's count, an untagged download needs no
+    GetObjectTagging. With one worker the order is fixed: doc/00 (tagged) proves it."""
+    bucket = new_bucket()
+    tags = fill_every_third_tagged(client, bucket)
+    assert client.get_object(Bucket=bucket, Key="doc/03")["TagCount"] == 2
+    assert "TagCount" not in client.get_object(Bucket=bucket, Key="doc/04")
+    outcome = take(repo, s3, [bucket], workers=1)
+    assert outcome.fingerprint["transfer"]["tag_reads_saved"] == 20  # the untagged ones
+    recorded = {e.key: e.tags for e in engine.read_snapshot(repo, repo.get("minio", TODAY),
+                                                             bucket)}
+    assert recorded == tags == {key: tags_of(client, bucket, key) for key in tags}
+
+    # Nothing tagged downloaded: nothing proves the header, every object's tags are read.
+    plain = new_bucket()
+    for i in range(5):
+        put(client, plain, f"p/{i}", b"plain")
+    assert take(repo, s3, [plain], YESTERDAY).fingerprint["transfer"]["tag_reads_saved"] == 0
+
+
+def test_a_server_that_does_not_report_the_tag_count_gets_every_objects_tags_read(
+        client, s3, repo, new_bucket, monkeypatch):
+    """A server (or credentials) that sends no x-amz-tagging-count for a tagged object is
+    caught by the first tagged download: no GetObjectTagging is ever skipped."""
+    bucket = new_bucket()
+    tags = fill_every_third_tagged(client, bucket)
+    monkeypatch.setattr(engine, "TAG_COUNT_HEADER", "x-not-sent-by-this-server")
+    outcome = take(repo, s3, [bucket])
+    assert outcome.fingerprint["transfer"]["tag_reads_saved"] == 0
+    recorded = {e.key: e.tags for e in engine.read_snapshot(repo, repo.get("minio", TODAY),
+                                                             bucket)}
+    assert recorded == tags
+
+
 def test_the_comparison_names_every_object_and_property_that_differs(
         client, s3, repo, new_bucket):
     bucket = new_bucket()
@@ -562,9 +607,9 @@ def test_a_corrupt_or_missing_blob_is_caught_and_healed_by_the_next_backup(
     with pytest.raises(IntegrityError, match=rf"corrupt.*{bucket}/doc/7.*minio_backup"):
         engine.verify(repo, record)
     target = new_bucket(create=False)
-    with pytest.raises(IntegrityError, match="does not match its sha256"):
+    with pytest.raises(IntegrityError, match=r"\(corrupt\) \(needed by '.*/doc/7'\)"):
         engine.restore(repo, record, s3, target_bucket=target, prefix="doc/7")
-    assert bucket_state(client, target) == {}
+    assert target not in {b["Name"] for b in client.list_buckets()["Buckets"]}
 
     blob.unlink()
     with pytest.raises(IntegrityError, match=rf"missing.*{bucket}/doc/7"):
@@ -572,6 +617,147 @@ def test_a_corrupt_or_missing_blob_is_caught_and_healed_by_the_next_backup(
     healed = take(repo, s3, [bucket])
     assert (healed.objects_copied, healed.objects_reused) == (1, 19)
     assert blob.exists()
+
+
+# -- the restore's pre-flight: a damaged backup changes nothing -----------------------------
+
+def damage(repo_dir: Path, repo: BackupRepository, bucket: str, keys_missing: list[str],
+           keys_corrupt: list[str]) -> dict[str, str]:
+    """Delete the blobs of ``keys_missing``; flip a byte (same size, other bytes) in those of
+    ``keys_corrupt``. Returns key -> the blob's location."""
+    record = repo.get("minio", TODAY)
+    shas = {e.key: e.sha256 for e in engine.read_snapshot(repo, record, bucket)}
+    files = blob_files(repo_dir)
+    for key in keys_missing:
+        files[shas[key]].unlink()
+    for key in keys_corrupt:
+        data = bytearray(files[shas[key]].read_bytes())
+        data[0] ^= 0xFF
+        files[shas[key]].write_bytes(bytes(data))
+    return {key: repo.blob_location(shas[key]) for key in (*keys_missing, *keys_corrupt)}
+
+
+def test_a_missing_or_corrupt_blob_refuses_a_restore_into_a_new_bucket_before_creating_it(
+        client, s3, repo, repo_dir, new_bucket):
+    bucket = new_bucket()
+    for i in range(30):
+        put(client, bucket, f"doc/{i:02d}", f"document {i} ".encode() * (i + 1),
+            Tagging=f"n={i}")
+    put(client, bucket, "doc/copy-of-03", b"document 3 " * 4)  # shares doc/03's blob
+    put(client, bucket, "models/large.bin", os.urandom(9 * MB))  # streamed, multipart
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    missing = [f"doc/{i:02d}" for i in (1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12)]
+    where = damage(repo_dir, repo, bucket, missing, ["doc/03", "models/large.bin"])
+
+    target = new_bucket(create=False)
+    with pytest.raises(IntegrityError) as refused:
+        engine.restore(repo, record, s3, target_bucket=target)
+    message = str(refused.value)
+    assert "13 blob(s) that the restore would write are missing or damaged" in message
+    assert f"{where['doc/01']}: missing (needed by '{bucket}/doc/01')" in message
+    assert (f"{where['doc/03']}: content hashes to ") in message
+    assert f"(corrupt) (needed by '{bucket}/doc/03', '{bucket}/doc/copy-of-03')" in message
+    assert "; and 3 more." in message  # ten named, then a count
+    assert f"The target ({target}) was not changed" in message
+    assert target not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+    # A missing snapshot is refused before the bucket is created too.
+    snapshot = repo_dir / "minio" / TODAY / record.backup_id / engine.snapshot_name(bucket)
+    snapshot.unlink()
+    with pytest.raises(IntegrityError, match=r"snapshot .* is missing.*was not changed"):
+        engine.restore(repo, record, s3, target_bucket=target)
+    assert target not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+
+def test_a_missing_or_corrupt_blob_refuses_an_in_place_restore_leaving_every_object_alone(
+        client, s3, repo, repo_dir, new_bucket):
+    bucket = new_bucket()
+    fill_tagged(client, bucket)
+    for i in range(10):
+        put(client, bucket, f"doc/{i}", f"document {i}".encode(), "text/plain", {"i": str(i)},
+            Tagging=f"n={i}")
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    # Since the backup: objects lost or overwritten (the restore would write them), tags
+    # changed (it would re-tag), an object added (remove_extra would delete it).
+    client.delete_object(Bucket=bucket, Key="doc/1")
+    put(client, bucket, "doc/2", b"overwritten", "text/plain")
+    put(client, bucket, "doc/3", b"document 3", "text/plain", {"i": "changed"})
+    client.delete_object(Bucket=bucket, Key="models/tagged-large.bin")
+    set_tags(client, bucket, "tagged/several.pdf", {"project": "changed"})
+    put(client, bucket, "extra.txt", b"not in the snapshot", "text/plain")
+    where = damage(repo_dir, repo, bucket, ["doc/1", "models/tagged-large.bin"], ["doc/3"])
+    before = bucket_state(client, bucket)
+
+    with pytest.raises(IntegrityError) as refused:
+        engine.restore(repo, record, s3, remove_extra=True, confirm=bucket)
+    message = str(refused.value)
+    assert "3 blob(s) that the restore would write are missing or damaged" in message
+    assert f"{where['doc/1']}: missing (needed by '{bucket}/doc/1')" in message
+    assert (f"{where['models/tagged-large.bin']}: missing (needed by "
+            f"'{bucket}/models/tagged-large.bin')") in message
+    assert f"(corrupt) (needed by '{bucket}/doc/3')" in message
+    assert f"The target ({bucket}) was not changed" in message
+    assert bucket_state(client, bucket) == before  # bytes, metadata, headers, tags; extra kept
+
+
+
+def test_the_preflight_checks_only_the_blobs_the_restore_will_write(
+        client, s3, repo, repo_dir, new_bucket):
+    """Objects identical on the target are found by reading it; their blobs are not needed,
+    so damage there does not refuse the restore."""
+    bucket = new_bucket()
+    for i in range(10):
+        put(client, bucket, f"doc/{i}", f"document {i}".encode(), "text/plain", Tagging=f"n={i}")
+    put(client, bucket, "doc/copy-of-1", b"document 1", "text/plain")  # shares a blob
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    scratch = new_bucket(create=False)
+    first = engine.restore(repo, record, s3, target_bucket=scratch)
+    assert (first.preflight.objects_to_write, first.preflight.blobs_checked,
+            first.preflight.objects_identical) == (11, 10, 0)
+    assert first.preflight.bytes_hashed == sum(len(f"document {i}") for i in range(10))
+
+    damage(repo_dir, repo, bucket, ["doc/5"], ["doc/6"])  # both identical on the target
+    client.delete_object(Bucket=scratch, Key="doc/0")      # its blob is intact: written
+    set_tags(client, scratch, "doc/7", {"n": "changed"})   # re-tagged: needs no blob
+    report = engine.restore(repo, record, s3, target_bucket=scratch)
+    assert (report.preflight.objects_to_write, report.preflight.blobs_checked,
+            report.preflight.objects_identical) == (1, 1, 10)
+    [b] = report.buckets
+    assert (b.restored, b.skipped_identical, b.tags_corrected) == (1, 10, 1)
+    assert report.matches_snapshot and bucket_state(client, scratch) == bucket_state(client,
+                                                                                     bucket)
+
+
+def test_a_blob_damaged_after_the_preflight_stops_the_copy_and_says_how_far_it_got(
+        client, s3, repo, repo_dir, new_bucket, monkeypatch):
+    bucket = new_bucket()
+    for i in range(10):
+        put(client, bucket, f"doc/{i}", f"document {i}".encode(), "text/plain")
+    take(repo, s3, [bucket])
+    record = repo.get("minio", TODAY)
+    preflight = engine._preflight
+
+    def then_damaged(*args, **kwargs):
+        checked = preflight(*args, **kwargs)
+        damage(repo_dir, repo, bucket, [], ["doc/5"])
+        return checked
+
+    monkeypatch.setattr(engine, "_preflight", then_damaged)
+    target = new_bucket(create=False)
+    with pytest.raises(engine.RestoreAborted) as stopped:
+        engine.restore(repo, record, s3, target_bucket=target, workers=1)
+    report = stopped.value.report
+    [b] = report.buckets
+    written = set(bucket_state(client, target))
+    assert "doc/5" not in written and {f"doc/{i}" for i in range(5)} <= written
+    assert b.restored == len(written) and b.in_snapshot == 10
+    assert report.preflight.blobs_checked == 10 and not report.matches_snapshot
+    message = str(stopped.value)
+    assert f"{bucket}/'doc/5'" in message and "does not match its sha256" in message
+    assert f"The target WAS changed: {len(written)} of the 10 objects of {bucket}" in message
 
 
 def test_large_repositories_rehash_a_rotating_share_covering_every_blob(
@@ -904,6 +1090,11 @@ def test_the_restore_job_reports_the_comparison_and_refuses_a_difference_unless_
     assert meta["matches_snapshot"] is True and meta["differences"] == 0
     assert meta["compared_tags"] == meta["compared_sha256"] == meta["compared_objects"] == 5
     assert "not_compared" not in meta
+    assert meta["preflight_blobs_checked"] == 5 and meta["preflight_objects_identical"] == 0
+    assert meta["preflight_bytes_hashed"] == sum(
+        o["Size"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert meta["preflight_s"] >= 0
+    assert clean.output_for_node("restore_minio")["preflight"]["blobs_checked"] == 5
 
     compare = engine._compare
 

@@ -134,7 +134,9 @@ class RestoreMinioConfig(dg.Config):
 def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
                   repository: BackupRepositoryResource, minio: MinioResource) -> dict:
     """Restore buckets of a MinIO snapshot, skipping identical objects (their tags corrected),
-    then compare every object of the target with the snapshot, field by field."""
+    then compare every object of the target with the snapshot, field by field. A pre-flight
+    first checks the snapshot and every blob the restore will write (size and sha256); a
+    missing or damaged one fails the run before the target is changed at all."""
     repo = repository.open()
     record = repo.resolve(STORE, config.partition_key,
                           require_verified=not config.allow_unverified)
@@ -158,11 +160,17 @@ def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
         "bytes_restored": dg.MetadataValue.int(report.total("bytes_restored")),
         "matches_snapshot": dg.MetadataValue.bool(report.matches_snapshot),
         **comparison_metadata(report.comparison),
+        "preflight_blobs_checked": dg.MetadataValue.int(report.preflight.blobs_checked),
+        "preflight_bytes_hashed": dg.MetadataValue.int(report.preflight.bytes_hashed),
+        "preflight_objects_identical": dg.MetadataValue.int(
+            report.preflight.objects_identical),
+        "preflight_s": dg.MetadataValue.float(round(report.preflight.duration_s, 3)),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
     })
     return {"partition_key": record.partition_key, "backup_id": record.backup_id,
             "matches_snapshot": report.matches_snapshot,
             "comparison": report.comparison.to_dict(),
+            "preflight": report.preflight.to_dict(),
             "buckets": {b.source_bucket: {
                 "target": b.target_bucket, "in_snapshot": b.in_snapshot,
                 "restored": b.restored, "skipped_identical": b.skipped_identical,
@@ -174,7 +182,8 @@ def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
 @dg.job(tags={"store": STORE, "kind": "restore"})
 def restore_minio_job():
     """Restore MinIO buckets from a snapshot (a day of the 14-day window, or the latest
-    verified) into the same buckets or another one, optionally under a key prefix. Content
+    verified) into the same buckets or another one, optionally under a key prefix. Nothing is
+    changed unless every blob it needs is present and intact (checked first). Content
     type, user metadata, headers and tags are restored; identical objects are skipped (their
     tags corrected); objects not in the snapshot are only removed with confirmation. Every
     object is then compared with the snapshot; a difference fails the run unless

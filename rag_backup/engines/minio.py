@@ -22,9 +22,13 @@ key order, so memory stays bounded whatever the bucket's size). An object whose 
 etag are unchanged, and whose blob is present with the right size, is not downloaded again: its
 sha256 is taken from the previous snapshot (and its headers too, when its Last-Modified is
 unchanged; otherwise one HEAD refreshes them, since a metadata-only copy keeps the etag). Tags
-are read for every object on every backup (one GetObjectTagging each, by the worker pool):
-changing an object's tags changes neither its etag nor its Last-Modified. New or
-changed objects are downloaded by a pool of threads, hashed while they stream, and stored as
+are read for every object on every backup: changing an object's tags changes neither its etag
+nor its Last-Modified, so an unchanged object costs one GetObjectTagging (by the worker pool).
+A downloaded object's GET says whether it has tags (``x-amz-tagging-count``, sent only for a
+tagged object and only to credentials that may read tags): a missing header is taken as "no
+tags" only once this backup has seen, on one tagged object, GetObjectTagging succeed with the
+count its GET reported (``_TagCountTrust``); until then, and for good on a server that omits
+the header, GetObjectTagging is asked. New or changed objects are downloaded by a pool of threads, hashed while they stream, and stored as
 blobs (idempotent: the same content always gets the same name). GETs carry ``If-Match`` with the
 listed etag, so the bytes always belong to the version recorded; an object overwritten after
 the listing is re-read as its new version, one deleted after the listing is left out (each
@@ -35,11 +39,20 @@ whose age is at most ``window - gc_grace``: retention cannot delete it while thi
 (see ``collect_garbage`` for why that matters).
 
 Two clients: the hot path of a backup (listing, one GET or HEAD per new or changed object, one
-GetObjectTagging per object) uses MinIO's SDK, which spends less than half of botocore's CPU
+GetObjectTagging per object unless the GET settled it) uses MinIO's SDK, which spends less than half of botocore's CPU
 per request; a backup of many small objects is bound by exactly that. Keys the SDK refuses
 (``.`` or ``..`` path segments, which S3 allows) and everything else (probing, bucket creation,
 restores with their checked multipart uploads) go through boto3. Both clients' errors become
 this project's (``translate``).
+
+Every restore starts with a pre-flight that changes nothing (``_preflight``): the snapshot is
+read to its end against the manifest, objects already identical on the target are found by
+reading only (HEAD, a GET when etags differ; their blobs are not needed), and every blob the
+restore will write is checked by size and sha256 (each distinct blob once, streamed, in the
+worker pool). A missing or damaged blob refuses the restore with ``IntegrityError`` naming the
+blobs and the keys that need them, before any bucket is created or any object written, tagged
+or removed. The copy hashes each blob again as it reads it; one damaged after the pre-flight
+stops the restore with ``RestoreAborted``, which says how far it got.
 
 After every restore, the target is compared with the snapshot object by object
 (``compare_bucket``): presence, size, sha256 of the bytes the server returns (re-read in
@@ -94,10 +107,10 @@ from rag_backup.errors import (
 from rag_backup.repository import BackupRecord, BackupRepository, PendingBackup
 from rag_backup.repository.backends import TMP_MARKER, S3Backend
 from rag_backup.repository.manifest import Artifact, utcnow
+from rag_backup.repository.repository import BLOB_PREFIX, blob_key
 from rag_backup.repository.retention import partition_start
 
 STORE = "minio"
-BLOB_PREFIX = "objectstore/blobs"
 TMP_PREFIX = "objectstore/tmp"
 SNAPSHOT_DIR = "buckets"
 SNAPSHOT_SUFFIX = ".jsonl.zst"
@@ -116,6 +129,8 @@ DEFAULT_GC_GRACE = timedelta(hours=48)
 DEFAULT_FULL_VERIFY_BYTES = 50 * 1024**3
 DEFAULT_ROTATION_DAYS = 7
 EXAMPLES = 5
+PREFLIGHT_EXAMPLES = 10            # missing or damaged blobs a refused restore names (then a count)
+PREFLIGHT_KEYS = 3                 # keys named per such blob
 HEADER_PARAMS = {  # boto3 parameter (PUT) / response field (GET, HEAD) -> HTTP header
     "CacheControl": "Cache-Control",
     "ContentDisposition": "Content-Disposition",
@@ -138,6 +153,7 @@ CHANGED = frozenset({"PreconditionFailed", "412"})
 STREAM_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, OSError,
                                                    urllib3.exceptions.HTTPError)
 SDK_ERRORS: tuple[type[BaseException], ...] = (MinioException, urllib3.exceptions.HTTPError)
+TAG_COUNT_HEADER = "x-amz-tagging-count"
 Log = Callable[[str], None]
 
 
@@ -312,13 +328,6 @@ class ObjectEntry:
             raise IntegrityError(f"{where}: snapshot line for key {entry.key!r} has an invalid "
                                  f"sha256 {entry.sha256!r} or size {entry.size}")
         return entry
-
-
-def blob_key(sha256: str) -> str:
-    """``objectstore/blobs/<aa>/<sha256>``; only ever built from a validated hex digest."""
-    if not SHA_RE.fullmatch(sha256):
-        raise IntegrityError(f"{sha256!r} is not a sha256 hex digest")
-    return f"{BLOB_PREFIX}/{sha256[:2]}/{sha256}"
 
 
 def blob_sha(key: str) -> str | None:
@@ -526,21 +535,57 @@ class _Head:
     content_type: str
     metadata: dict[str, str]
     headers: dict[str, str]
+    tag_count: int | None = None  # a GET's x-amz-tagging-count; None: no such header
 
     @classmethod
     def from_boto(cls, resp: dict[str, Any]) -> _Head:
+        count = resp.get("TagCount")
         return cls(int(resp["ContentLength"]), resp["ETag"], _iso(resp["LastModified"]),
                    str(resp.get("ContentType") or ""), dict(resp.get("Metadata") or {}),
-                   _headers(resp))
+                   _headers(resp), None if count is None else int(count))
 
     @classmethod
     def from_http(cls, h: Any) -> _Head:
         metadata = {k[len("x-amz-meta-"):].lower(): v for k, v in h.items()
                     if k.lower().startswith("x-amz-meta-")}
+        count = h.get(TAG_COUNT_HEADER)
         return cls(int(h.get("content-length", 0)), _quoted(h.get("etag", "")),
                    _iso(parsedate_to_datetime(h["last-modified"])) if h.get("last-modified")
                    else "", h.get("content-type", ""), metadata,
-                   {name: h[name] for name in HEADER_PARAMS.values() if h.get(name)})
+                   {name: h[name] for name in HEADER_PARAMS.values() if h.get(name)},
+                   int(count) if count is not None and str(count).isdigit() else None)
+
+
+class _TagCountTrust:
+    """Whether a GET's ``x-amz-tagging-count`` can stand in for a GetObjectTagging, learnt
+    once per backup. S3 sends the header only for an object that has tags, and only to
+    credentials that may read them; so a missing header proves "no tags" only once this
+    backup has seen, on one object, GetObjectTagging succeed with tags AND the GET of that
+    object carry the header with the same count. A tagged object whose GET had no header
+    turns the trust off for the rest of the backup. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state = "unknown"  # "unknown" | "trusted" | "distrusted"
+        self.skipped = 0        # GetObjectTaggings saved
+
+    def untagged(self, count: int | None) -> bool:
+        """True when the GET's header proves the object has no tags (one request saved)."""
+        with self._lock:
+            if self.state == "trusted" and not count:
+                self.skipped += 1
+                return True
+            return False
+
+    def learn(self, count: int | None, tags: dict[str, str]) -> None:
+        """What GetObjectTagging found for an object whose GET said ``count``."""
+        if not tags:
+            return
+        with self._lock:
+            if count is None:
+                self.state = "distrusted"
+            elif count == len(tags) and self.state == "unknown":
+                self.state = "trusted"
 
 
 @dataclass
@@ -703,6 +748,19 @@ class _Copier(_Objects):
     existing: dict[bytes, int]      # blobs present when the backup started: sha -> size
     written: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tag_counts: _TagCountTrust = field(default_factory=_TagCountTrust)
+
+    def downloaded_tags(self, bucket: str, key: str, count: int | None
+                        ) -> dict[str, str] | None:
+        """The tags of an object just downloaded, whose GET said ``count`` (see
+        ``_TagCountTrust``): ``{}`` without a request when that is proven, else
+        GetObjectTagging. None if the object is gone."""
+        if self.tag_counts.untagged(count):
+            return {}
+        tags = self.tags(bucket, key)
+        if tags is not None:
+            self.tag_counts.learn(count, tags)
+        return tags
 
     def blob_present(self, sha: str, size: int) -> bool:
         return self.existing.get(bytes.fromhex(sha)) == size
@@ -774,7 +832,7 @@ class _Copier(_Objects):
                 if length != obj.size:
                     raise IntegrityError(f"GET {obj.key!r} from {self.endpoint.describe(bucket)}"
                                          f" returned {length} bytes, the listing says {obj.size}")
-                tags = self.tags(bucket, obj.key)
+                tags = self.downloaded_tags(bucket, obj.key, head.tag_count)
                 if tags is None:
                     return None, "vanished"
                 return ObjectEntry(obj.key, length, obj.etag, obj.last_modified, sha,
@@ -900,6 +958,8 @@ def backup(endpoint: S3Endpoint, pending: PendingBackup, buckets: Sequence[str],
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    log(f"tags of downloaded objects: x-amz-tagging-count {copier.tag_counts.state}; "
+        f"{copier.tag_counts.skipped} GetObjectTagging requests saved")
     fingerprint = {
         "buckets": {b: s.counts() for b, s in stats.items()},
         "objects": sum(s.objects for s in stats.values()),
@@ -908,6 +968,7 @@ def backup(endpoint: S3Endpoint, pending: PendingBackup, buckets: Sequence[str],
         "transfer": {"objects_copied": sum(s.objects_copied for s in stats.values()),
                      "bytes_copied": sum(s.bytes_copied for s in stats.values()),
                      "objects_reused": sum(s.objects_reused for s in stats.values()),
+                     "tag_reads_saved": copier.tag_counts.skipped,
                      "duration_s": round(time.monotonic() - started, 3)},
     }
     versions = {"boto3": boto3.__version__, "botocore": botocore.__version__}
@@ -1015,22 +1076,31 @@ def _where_used(repo: BackupRepository, record: BackupRecord, shas: set[str],
     return found
 
 
-def _rehash(repo: BackupRepository, sha: str, size: int) -> str | None:
-    """None when the blob's bytes hash to its name and its size is right, else what is wrong."""
+def _check_blob(repo: BackupRepository, sha: str, size: int) -> tuple[str | None, int]:
+    """``(None, bytes read)`` when the blob is present, ``size`` bytes long and its bytes hash
+    to its name; otherwise ``(what is wrong, bytes read)``. Streamed in CHUNKs (never the whole
+    blob in memory); reading stops once the blob is longer than ``size``."""
     digest, length = hashlib.sha256(), 0
     try:
-        stream = repo.backend.open_read(blob_key(sha))
+        stream = repo.open_blob(sha)
     except FileNotFoundError:
-        return "missing"
+        return "missing", 0
     with stream:
         for chunk in iter(lambda: stream.read(CHUNK), b""):
             digest.update(chunk)
             length += len(chunk)
+            if length > size:
+                return f"longer than the {size} bytes expected (overwritten)", length
     if length != size:
-        return f"{length} bytes, {size} expected (truncated or overwritten)"
+        return f"{length} bytes, {size} expected (truncated or overwritten)", length
     if digest.hexdigest() != sha:
-        return f"content hashes to {digest.hexdigest()} (corrupt)"
-    return None
+        return f"content hashes to {digest.hexdigest()} (corrupt)", length
+    return None, length
+
+
+def _rehash(repo: BackupRepository, sha: str, size: int) -> str | None:
+    """None when the blob's bytes hash to its name and its size is right, else what is wrong."""
+    return _check_blob(repo, sha, size)[0]
 
 
 def verify(repo: BackupRepository, record: BackupRecord, *,
@@ -1113,7 +1183,7 @@ def _raise_blob_problems(repo: BackupRepository, record: BackupRecord,
     lines = []
     for sha, problem in sorted(problems.items())[:EXAMPLES]:
         keys = ", ".join(used.get(sha, [])) or "?"
-        lines.append(f"{repo.backend.location(blob_key(sha))}: {problem} (used by {keys})")
+        lines.append(f"{repo.blob_location(sha)}: {problem} (used by {keys})")
     more = f" (and {len(problems) - EXAMPLES} more)" if len(problems) > EXAMPLES else ""
     raise IntegrityError(
         f"{STORE} backup {record.partition_key}: {len(problems)} {summary}{more}: "
@@ -1234,6 +1304,25 @@ def collect_garbage(repo: BackupRepository, *, grace: timedelta = DEFAULT_GC_GRA
 # -- restore ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Preflight:
+    """What a restore checked before it changed anything on the target: every blob it will
+    write (size and sha256, each distinct blob once) and the snapshot file (read to its end,
+    size and sha256 against the manifest)."""
+
+    blobs_checked: int = 0
+    bytes_hashed: int = 0
+    objects_to_write: int = 0
+    objects_identical: int = 0    # identical on the target already: their blobs not needed
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blobs_checked": self.blobs_checked, "bytes_hashed": self.bytes_hashed,
+                "objects_to_write": self.objects_to_write,
+                "objects_identical": self.objects_identical,
+                "duration_s": round(self.duration_s, 3)}
+
+
+@dataclass(frozen=True)
 class BucketRestore:
     source_bucket: str
     target_bucket: str
@@ -1258,6 +1347,7 @@ class RestoreReport:
     buckets: tuple[BucketRestore, ...]
     duration_s: float
     comparison: Comparison = field(default_factory=Comparison)  # every bucket's, together
+    preflight: Preflight = field(default_factory=Preflight)
 
     def total(self, name: str) -> int:
         return sum(getattr(b, name) for b in self.buckets)
@@ -1276,6 +1366,20 @@ class RestoreDiffers(IntegrityError):
         self.report = report
 
 
+class RestoreAborted(IntegrityError):
+    """A blob turned out missing or damaged while the restore copied it (it passed the
+    pre-flight, so it changed in between): the restore stopped part-way. ``report`` says how
+    far it got (the bucket it stopped in is the last, its comparison not run)."""
+
+    def __init__(self, message: str, report: RestoreReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class _BlobDamaged(IntegrityError):
+    """A blob read during the copy is missing or does not match its sha256."""
+
+
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
     parts, left = [], size
     while left > 0:
@@ -1292,10 +1396,10 @@ class _Restorer(_Objects):
     repo: BackupRepository
     record: BackupRecord
 
-    def _damaged(self, bucket: str, entry: ObjectEntry, problem: str) -> IntegrityError:
-        return IntegrityError(
+    def _damaged(self, bucket: str, entry: ObjectEntry, problem: str) -> _BlobDamaged:
+        return _BlobDamaged(
             f"{STORE} backup {self.record.partition_key}: the blob of {bucket}/{entry.key!r} "
-            f"({self.repo.backend.location(blob_key(entry.sha256))}) {problem}; the object was "
+            f"({self.repo.blob_location(entry.sha256)}) {problem}; the object was "
             "not written. Restore it from another snapshot.")
 
     def upload(self, source_bucket: str, target: str, entry: ObjectEntry) -> None:
@@ -1311,7 +1415,7 @@ class _Restorer(_Objects):
         if entry.tags:  # with the object: no moment where it exists untagged
             extra["Tagging"] = _tag_header(entry.tags)
         try:
-            stream = self.repo.backend.open_read(blob_key(entry.sha256))
+            stream = self.repo.open_blob(entry.sha256)
         except FileNotFoundError as exc:
             raise self._damaged(source_bucket, entry, "is missing") from exc
         what = f"restore of {entry.key!r}"
@@ -1360,7 +1464,8 @@ class _Restorer(_Objects):
 
     def identical(self, target: str, entry: ObjectEntry) -> bool:
         """The target's object has the snapshot's bytes (etag, or sha256 when the etags
-        differ, e.g. multipart uploads with another part size) and the same headers."""
+        differ, e.g. multipart uploads with another part size) and the same headers.
+        Reads only (HEAD, and a GET when the etags differ)."""
         with s3_errors(self.endpoint, f"HEAD {entry.key!r}", target):
             try:
                 head = self.client.head_object(Bucket=target, Key=entry.key)
@@ -1399,12 +1504,12 @@ class _Restorer(_Objects):
                 self.client.delete_object_tagging(Bucket=target, Key=entry.key)
 
     def restore_one(self, source_bucket: str, target: str, entry: ObjectEntry,
-                    on_target: _Listed | None) -> str:
+                    on_target: _Listed | None, identical: bool) -> str:
         """``"restored"`` (written), ``"skipped"`` (identical) or ``"retagged"`` (identical
-        bytes and headers, tags corrected). A version-1 entry does not know its tags: an
-        identical object keeps the ones it has."""
-        if on_target is not None and on_target.size == entry.size \
-                and self.identical(target, entry):
+        bytes and headers, tags corrected). ``identical`` is the pre-flight's finding (it
+        compared the target's object, reading only); an object gone since is written. A
+        version-1 entry does not know its tags: an identical object keeps the ones it has."""
+        if identical and on_target is not None and on_target.size == entry.size:
             if entry.tags is None:
                 return "skipped"
             current = self.tags(target, entry.key)
@@ -1417,15 +1522,22 @@ class _Restorer(_Objects):
         return "restored"
 
 
-def _ensure_bucket(client: Any, endpoint: S3Endpoint, bucket: str, log: Log) -> bool:
-    """Create ``bucket`` if it does not exist; True if it was created."""
-    with s3_errors(endpoint, "restore target", bucket):
+def _bucket_exists(client: Any, endpoint: S3Endpoint, bucket: str, what: str) -> bool:
+    with s3_errors(endpoint, what, bucket):
         try:
             client.head_bucket(Bucket=bucket)
-            return False
+            return True
         except ClientError as exc:
             if _status(exc) != 404 and _code(exc) not in MISSING_KEY | {"NoSuchBucket"}:
                 raise
+    return False
+
+
+def _ensure_bucket(client: Any, endpoint: S3Endpoint, bucket: str, log: Log) -> bool:
+    """Create ``bucket`` if it does not exist; True if it was created."""
+    if _bucket_exists(client, endpoint, bucket, "restore target"):
+        return False
+    with s3_errors(endpoint, "restore target", bucket):
         args: dict[str, Any] = {"Bucket": bucket}
         if endpoint.region and endpoint.region != "us-east-1":
             args["CreateBucketConfiguration"] = {"LocationConstraint": endpoint.region}
@@ -1454,6 +1566,153 @@ def _merge(entries: Iterator[ObjectEntry], listed: Iterator[_Listed]
             entry, obj = next(entries, None), next(listed, None)
 
 
+class _Bits:
+    """One bit per snapshot entry of a restore (in snapshot order): the pre-flight found the
+    target's object identical. An eighth of a byte per object, whatever the bucket's size."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self.count = 0  # entries seen
+
+    def set(self, index: int) -> None:
+        while index >> 3 >= len(self._bits):
+            self._bits.extend(bytes(4096))
+        self._bits[index >> 3] |= 1 << (index & 7)
+
+    def __getitem__(self, index: int) -> bool:
+        return index >> 3 < len(self._bits) and bool(self._bits[index >> 3] & 1 << (index & 7))
+
+
+@dataclass
+class _PreflightCheck:
+    """The pre-flight of one restore: for every object it will write, its blob present with
+    the right size and sha256 (each distinct blob hashed once, in the worker pool, streamed);
+    objects already identical on the target (found by reading only) need no blob. Changes
+    nothing anywhere. Only the main thread touches this object; workers run pure checks."""
+
+    restorer: _Restorer
+    pool: ThreadPoolExecutor
+    submitted: set[bytes] = field(default_factory=set)      # blobs checked or in flight
+    users: dict[str, list[str]] = field(default_factory=dict)  # in flight or bad: keys (a few)
+    bad: dict[str, str] = field(default_factory=dict)       # the first PREFLIGHT_EXAMPLES
+    bad_total: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    to_write: int = 0
+    identical: int = 0
+    queue: deque[tuple[Future, Any]] = field(default_factory=deque)
+
+    def bucket(self, source: str, target: str, prefix: str, target_exists: bool) -> _Bits:
+        restorer = self.restorer
+        bits = _Bits()
+        entries = (e for e in read_snapshot(restorer.repo, restorer.record, source)
+                   if e.key.startswith(prefix))
+        listed = (_list_bucket(restorer.reader, restorer.endpoint, target, prefix)
+                  if target_exists else iter(()))
+        try:
+            for entry, obj in _merge(entries, listed):
+                if entry is None:
+                    continue
+                index = bits.count
+                bits.count += 1
+                if obj is not None and obj.size == entry.size:
+                    future = self.pool.submit(restorer.identical, target, entry)
+                    self.queue.append((future, (bits, index, source, entry)))
+                else:
+                    self._need(source, entry)
+                self._settle(False)
+            self._settle(True)
+        except BaseException:
+            for future, _ in self.queue:
+                future.cancel()
+            raise
+        return bits
+
+    def _need(self, source: str, entry: ObjectEntry) -> None:
+        """The restore will write ``entry``: its blob must be checked (once)."""
+        self.to_write += 1
+        sha = entry.sha256
+        if sha in self.users:  # in flight, or found bad: name this key too
+            if len(self.users[sha]) < PREFLIGHT_KEYS:
+                self.users[sha].append(f"{source}/{entry.key}")
+            return
+        raw = bytes.fromhex(sha)
+        if raw in self.submitted:  # checked already, and sound
+            return
+        self.submitted.add(raw)
+        self.users[sha] = [f"{source}/{entry.key}"]
+        future = self.pool.submit(_check_blob, self.restorer.repo, sha, entry.size)
+        self.queue.append((future, sha))
+
+    def _settle(self, block: bool) -> None:
+        while self.queue and (block or self.queue[0][0].done()
+                              or len(self.queue) > MAX_QUEUED):
+            future, item = self.queue.popleft()
+            if isinstance(item, str):  # a blob check
+                problem, read = future.result()
+                self.blobs += 1
+                self.bytes += read
+                if problem is None:
+                    del self.users[item]
+                else:
+                    self.bad_total += 1
+                    if len(self.bad) < PREFLIGHT_EXAMPLES:
+                        self.bad[item] = problem
+                    else:
+                        del self.users[item]
+                continue
+            bits, index, source, entry = item  # an identity check on the target
+            if future.result():
+                self.identical += 1
+                bits.set(index)
+            else:
+                self._need(source, entry)
+
+    def refusal(self, partition_key: str, targets: Sequence[str]) -> IntegrityError:
+        lines = [f"{self.restorer.repo.blob_location(sha)}: {problem} (needed by "
+                 f"{', '.join(repr(k) for k in self.users.get(sha, []))})"
+                 for sha, problem in self.bad.items()]
+        more = self.bad_total - len(self.bad)
+        return IntegrityError(
+            f"{STORE} restore of {partition_key} refused before changing anything: "
+            f"{self.bad_total} blob(s) that the restore would write are missing or damaged: "
+            + "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
+            + f". The target ({', '.join(targets)}) was not changed: no bucket created, no "
+              "object written, tagged or removed. Restore these keys from another snapshot "
+              "(another partition_key), or, while the source still has them, run minio_backup "
+              "for today's partition to copy them again (then verify it).")
+
+    def summary(self, duration_s: float) -> Preflight:
+        return Preflight(self.blobs, self.bytes, self.to_write, self.identical, duration_s)
+
+
+def _preflight(restorer: _Restorer, pool: ThreadPoolExecutor, pairs: Sequence[tuple[str, str]],
+               prefix: str, log: Log) -> tuple[Preflight, list[_Bits]]:
+    """Before a restore changes anything: read every snapshot to its end (size and sha256
+    against the manifest), compare the objects already on the targets (reading only), and
+    check every blob the restore will write. Raises ``IntegrityError`` naming every missing
+    or damaged blob (up to PREFLIGHT_EXAMPLES, with the keys that need each, then a count)."""
+    started = time.monotonic()
+    record = restorer.record
+    check = _PreflightCheck(restorer, pool)
+    targets = [t for _, t in pairs]
+    plans = []
+    try:
+        for source, target in pairs:
+            exists = _bucket_exists(restorer.client, restorer.endpoint, target, "restore target")
+            plans.append(check.bucket(source, target, prefix, exists))
+    except IntegrityError as exc:
+        raise IntegrityError(f"{exc}. The restore was refused before changing anything: the "
+                             f"target ({', '.join(targets)}) was not changed.") from exc
+    if check.bad_total:
+        raise check.refusal(record.partition_key, targets)
+    summary = check.summary(time.monotonic() - started)
+    log(f"pre-flight: snapshot(s) intact; {summary.objects_to_write} objects to write, "
+        f"{summary.objects_identical} identical on the target; {summary.blobs_checked} blobs "
+        f"checked ({summary.bytes_hashed} bytes hashed) in {summary.duration_s:.2f} s")
+    return summary, plans
+
+
 def restore(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint, *,
             buckets: Sequence[str] | None = None, target_bucket: str = "", prefix: str = "",
             remove_extra: bool = False, confirm: str = "", workers: int = DEFAULT_WORKERS,
@@ -1461,11 +1720,18 @@ def restore(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint, 
     """Restore buckets of a snapshot: each into itself, or one into ``target_bucket`` (created
     if missing), optionally only keys starting with ``prefix``.
 
+    First a pre-flight that changes nothing (``_preflight``): every snapshot read to its end
+    and checked, the target's objects compared (reading only), and every blob the restore will
+    write checked by size and sha256. A missing or damaged one refuses the restore with
+    ``IntegrityError`` before any bucket is created or any object written, tagged or removed.
+
     Objects on the target that are identical (size, bytes, headers) are skipped; their tags
     are corrected when they differ. Objects on the target that the snapshot does not have
     (under ``prefix``) are kept, unless ``remove_extra`` with ``confirm`` equal to the target
     bucket's name; they are removed only after every object of the snapshot was restored.
-    Every blob is checked against its sha256 before its object is written.
+    The copy checks every blob against its sha256 again as it reads it, before its object is
+    written; one that changed since the pre-flight stops the restore (``RestoreAborted``,
+    saying how far it got).
 
     Afterwards every target is compared with the snapshot, object by object (see
     ``compare_bucket``; objects not in the snapshot count as differences when
@@ -1492,17 +1758,25 @@ def restore(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint, 
                 f"{record.partition_key} is destructive: set confirm to {target!r} to proceed "
                 f"(or leave remove_extra off to keep them)")
     for source, _ in pairs:
-        check_snapshot(repo, record, source)
+        _snapshot_artifact(record, source)  # listed in the manifest (read by the pre-flight)
     restorer = _Restorer(endpoint.client(), endpoint.reader(), endpoint, repo, record)
-    reports = []
+    reports: list[BucketRestore] = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-restore") \
             as pool:
-        for source, target in pairs:
-            reports.append(_restore_bucket(restorer, pool, source, target, prefix,
-                                           remove_extra, log))
+        preflight, plans = _preflight(restorer, pool, pairs, prefix, log)
+        try:
+            for (source, target), plan in zip(pairs, plans):
+                reports.append(_restore_bucket(restorer, pool, source, target, prefix,
+                                               remove_extra, plan, log))
+        except _Stopped as stop:
+            report = RestoreReport(record.partition_key, record.backup_id,
+                                   (*reports, stop.bucket), time.monotonic() - started,
+                                   _combined([b.comparison for b in (*reports, stop.bucket)]),
+                                   preflight)
+            raise RestoreAborted(stop.message, report) from stop.__cause__
     report = RestoreReport(record.partition_key, record.backup_id, tuple(reports),
                            time.monotonic() - started,
-                           _combined([b.comparison for b in reports]))
+                           _combined([b.comparison for b in reports]), preflight)
     comparison = report.comparison
     log(f"comparison with the snapshot: {dict(sorted(comparison.compared.items()))} compared; "
         f"{comparison.summary()}")
@@ -1529,8 +1803,16 @@ def _combined(parts: Sequence[Comparison]) -> Comparison:
     return total
 
 
+class _Stopped(Exception):
+    """A bucket's copy stopped on a blob damaged after the pre-flight: how far it got."""
+
+    def __init__(self, message: str, bucket: BucketRestore) -> None:
+        super().__init__(message)
+        self.message, self.bucket = message, bucket
+
+
 def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, target: str,
-                    prefix: str, remove_extra: bool, log: Log) -> BucketRestore:
+                    prefix: str, remove_extra: bool, plan: _Bits, log: Log) -> BucketRestore:
     client, endpoint, repo, record = (restorer.client, restorer.endpoint, restorer.repo,
                                       restorer.record)
     _ensure_bucket(client, endpoint, target, log)
@@ -1540,17 +1822,19 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
     extra: list[str] = []
     pending: deque[tuple[Future, ObjectEntry]] = deque()
 
-    def settle(block: bool) -> None:
+    def count(outcome: str, entry: ObjectEntry) -> None:
         nonlocal restored, skipped, retagged, restored_bytes
+        if outcome == "restored":
+            restored += 1
+            restored_bytes += entry.size
+        else:
+            skipped += 1
+            retagged += outcome == "retagged"
+
+    def settle(block: bool) -> None:
         while pending and (block or pending[0][0].done() or len(pending) > 4 * MAX_QUEUED):
             future, entry = pending.popleft()
-            outcome = future.result()
-            if outcome == "restored":
-                restored += 1
-                restored_bytes += entry.size
-            else:
-                skipped += 1
-                retagged += outcome == "retagged"
+            count(future.result(), entry)
 
     try:
         for entry, obj in _merge(entries, listed):
@@ -1558,11 +1842,35 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
                 assert obj is not None
                 extra.append(obj.key)
                 continue
+            index = in_snapshot
             in_snapshot += 1
-            pending.append((pool.submit(restorer.restore_one, source, target, entry, obj),
-                            entry))
+            pending.append((pool.submit(restorer.restore_one, source, target, entry, obj,
+                                        plan[index]), entry))
             settle(False)
         settle(True)
+    except _BlobDamaged as exc:
+        # Let the transfers already running finish (they were checked), then say how far.
+        for future, _ in pending:
+            future.cancel()
+        for future, entry in pending:
+            if not future.cancelled():
+                try:
+                    count(future.result(), entry)
+                except Exception:  # noqa: BLE001 - the first failure is the one reported
+                    pass
+        stopped = Comparison()
+        stopped.skip("objects", f"the restore of {source} into {target} stopped part-way")
+        message = (
+            f"{STORE} restore of {record.partition_key} into {target} stopped part-way: {exc} "
+            f"The blob passed the pre-flight, so it was damaged or removed since. The target "
+            f"WAS changed: {restored} of the {plan.count} objects of {source}"
+            f"{' under ' + repr(prefix) if prefix else ''} written ({restored_bytes} bytes), "
+            f"{skipped} found identical and left alone ({retagged} re-tagged); nothing was "
+            "removed. Restore again from another snapshot (another partition_key).")
+        log(message)
+        raise _Stopped(message, BucketRestore(
+            source, target, plan.count, restored, skipped, 0, restored_bytes, 0, retagged,
+            stopped)) from exc
     except BaseException:
         for future, _ in pending:
             future.cancel()
@@ -1684,3 +1992,32 @@ def compare_bucket(repo: BackupRepository, record: BackupRecord, endpoint: S3End
             as pool:
         return _compare(objects, pool, repo, record, bucket, target, prefix,
                         extra_objects=extra_objects)
+
+
+def remove_bucket(endpoint: S3Endpoint, bucket: str, *, repo: BackupRepository) -> bool:
+    """Empty and delete ``bucket`` (a scratch target of a restore or a drill), one listing page
+    at a time; True if it existed. The bucket holding ``repo`` is refused."""
+    check_bucket_name(bucket)
+    holder = repository_bucket(repo)
+    if holder is not None and bucket == holder:
+        where = f"s3://{holder}/{getattr(repo.backend, 'prefix', '')}".rstrip("/")
+        raise InvalidRequest(f"{STORE}: bucket {bucket!r} holds the backup repository "
+                             f"({where}); removing it is refused (only scratch targets of a "
+                             "restore are removed)")
+    client = endpoint.client()
+    if not _bucket_exists(client, endpoint, bucket, "removing a scratch bucket"):
+        return False
+    with s3_errors(endpoint, "removing a scratch bucket", bucket):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if not keys:
+                continue
+            failed = client.delete_objects(Bucket=bucket, Delete={"Objects": keys,
+                                                                  "Quiet": True}).get("Errors")
+            if failed:
+                raise RagBackupError(
+                    f"{endpoint.describe(bucket)}: {len(failed)} object(s) could not be "
+                    f"deleted while removing the bucket, e.g. {failed[0].get('Key')!r}: "
+                    f"{failed[0].get('Code')} {failed[0].get('Message', '')}".rstrip())
+        client.delete_bucket(Bucket=bucket)
+    return True

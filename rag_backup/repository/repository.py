@@ -73,8 +73,18 @@ LATEST = "latest"
 DEFAULT_STALE_AGE = timedelta(hours=12)
 
 BACKUP_ID_TIME = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{8}")
+# Content-addressed blobs (MinIO object copies), shared by every backup: named by their sha256.
+BLOB_PREFIX = "objectstore/blobs"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 log = logging.getLogger(__name__)
+
+
+def blob_key(sha256: str) -> str:
+    """``objectstore/blobs/<aa>/<sha256>``; only ever built from a validated hex digest."""
+    if not SHA256_HEX.fullmatch(sha256 or ""):
+        raise IntegrityError(f"{sha256!r} is not a sha256 hex digest")
+    return f"{BLOB_PREFIX}/{sha256[:2]}/{sha256}"
 
 
 def backup_id_time(key: str) -> datetime | None:
@@ -616,6 +626,16 @@ class BackupRepository:
                 f"{store} backup for partition {partition_key} ({record.backup_id}) {state}; "
                 f"materialize {store}_backup_verified for it first")
         return record
+
+    # -- content-addressed blobs ----------------------------------------------------------
+    def open_blob(self, sha256: str) -> BinaryIO:
+        """A stream of the blob named ``sha256`` (``FileNotFoundError`` if there is none). The
+        bytes are not checked here: the reader hashes them against the name."""
+        return self.backend.open_read(blob_key(sha256))
+
+    def blob_location(self, sha256: str) -> str:
+        """Where the blob ``sha256`` is, for messages (a path or an ``s3://`` URL)."""
+        return self.backend.location(blob_key(sha256))
 
     # -- artifacts -----------------------------------------------------------------------
     def open_artifact(self, record: BackupRecord, artifact: Artifact) -> BinaryIO:
