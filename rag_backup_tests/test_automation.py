@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pytest
@@ -142,6 +143,19 @@ def test_catchup_never_reaches_beyond_retention():
     due = automation.due_partitions(redis_defs.POLICY, now, timedelta(days=30))
     assert len(due) <= 24
     assert min(due) > (now - timedelta(days=1)).strftime("%Y-%m-%d-%H:00")
+
+
+def test_catchup_takes_partition_times_from_the_partitions_definition():
+    # daily partitions of a timezone 14 hours ahead of UTC: at 23:00 UTC its 2026-11-25 started
+    # 13 hours ago and its 02:00 backup is due, although the key names a later UTC day
+    ahead = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_offset=1,
+                                         timezone="Pacific/Kiritimati")
+    policy = dataclasses.replace(pg_defs.POLICY, partitions_def=ahead)
+    now = datetime(2026, 11, 24, 23, tzinfo=timezone.utc)
+    assert automation.due_partitions(policy, now, timedelta(days=2)) == ["2026-11-24",
+                                                                        "2026-11-25"]
+    earlier = datetime(2026, 11, 24, 11, 59, tzinfo=timezone.utc)  # 01:59 there: not yet due
+    assert automation.due_partitions(policy, earlier, timedelta(days=2))[-1] == "2026-11-24"
 
 
 def test_a_failed_run_alerts_with_job_partition_step_and_error(pg, repo_dir, receivers):

@@ -19,6 +19,7 @@ from rag_backup.errors import (
     BackupUnverified,
     ConfirmationRequired,
     CredentialsRejected,
+    DamagedBackup,
     IntegrityError,
 )
 from rag_backup.repository import BackupRepository
@@ -269,6 +270,55 @@ def test_assets_back_up_verify_and_report_metadata(pg, repo, repo_dir):
     assert meta["backup_id"].value == repo.get("postgres", TODAY).backup_id
     assert repo.get("postgres", TODAY).verified
     assert "password" not in str(meta).lower()
+    record = repo.get("postgres", TODAY)
+    fp = engine.fingerprint_of(record)
+    assert (meta["tables"].value, meta["rows"].value, meta["databases"].value) == (
+        fp.tables, fp.rows, len(fp.databases))
+    assert fp.rows == sum(d.rows for d in fp.databases.values()) and "ragqa" in fp.databases
+    # the partition's window, as Dagster gives it, is in the manifest
+    window = pg_defs.DAILY_PARTITIONS.time_window_for_partition_key(TODAY)
+    assert record.manifest.format_version == 2
+    assert (record.manifest.window.start, record.manifest.window.end) == (window.start,
+                                                                           window.end)
+
+
+FINGERPRINT_ON_DISK = {  # a PostgreSQL fingerprint as every release has written it
+    "databases": {"ragqa": {"encoding": "UTF8", "lc_collate": "C.UTF-8", "lc_ctype": "C.UTF-8",
+                            "tables": {"public.documents": 5, "public.feedback": 0},
+                            "large_objects": 1, "rows": 5}},
+    "tables": 2, "rows": 5, "globals_include_role_passwords": False}
+
+
+def test_the_typed_fingerprint_reads_and_writes_the_manifests_dict_unchanged():
+    fp = engine.PostgresFingerprint.from_dict(FINGERPRINT_ON_DISK)
+    assert (fp.tables, fp.rows, fp.globals_include_role_passwords) == (2, 5, False)
+    assert fp.databases["ragqa"].tables == {"public.documents": 5, "public.feedback": 0}
+    assert fp.databases["ragqa"].large_objects == 1
+    assert fp.to_dict() == FINGERPRINT_ON_DISK
+    older = {k: v for k, v in FINGERPRINT_ON_DISK.items()
+             if k != "globals_include_role_passwords"}
+    assert engine.PostgresFingerprint.from_dict(older).globals_include_role_passwords
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"databases": None}, "no 'databases' object"),
+    ({"rows": 6}, "total rows 6 is not the sum over its databases (5)"),
+    ({"databases": {"ragqa": {**FINGERPRINT_ON_DISK["databases"]["ragqa"],
+                              "large_objects": -1}}},
+     "database 'ragqa': large_objects is -1, not a count"),
+    ({"databases": {"ragqa": {**FINGERPRINT_ON_DISK["databases"]["ragqa"],
+                              "tables": {"public.documents": "5"}}}},
+     "database 'ragqa': tables is not an object of table: row count"),
+])
+def test_an_invalid_fingerprint_is_a_damaged_backup_naming_it(repo, change, error):
+    with repo.begin("postgres", "2026-11-20", "t") as pending:
+        with pending.artifact("data") as out:
+            out.write(b"x")
+        pending.commit(engine.BackupOutcome({**FINGERPRINT_ON_DISK, **change}, {}, "15"))
+    record = repo.get("postgres", "2026-11-20")
+    with pytest.raises(DamagedBackup, match="the manifest of postgres backup 2026-11-20 ") as exc:
+        engine.fingerprint_of(record)
+    assert error in str(exc.value)
 
 
 def test_a_partition_outside_the_window_is_refused(pg, repo, repo_dir):

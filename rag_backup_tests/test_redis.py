@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from rag_backup.engines import redis as engine
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
+    DamagedBackup,
     IntegrityError,
     StoreUnreachable,
 )
@@ -219,6 +221,37 @@ def test_a_corrupt_rdb_fails_verification(test_dbs, repo, tmp_path):
         engine.verify(repo, repo.get("redis", "2026-11-23-10:00"))
 
 
+FINGERPRINT_ON_DISK = {"dbs": {"0": {"keys": 3, "expires": 1}, "10": {"keys": 13, "expires": 2}},
+                       "keys": 16, "expires": 3, "rdb_bytes": 4096}
+
+
+def test_the_typed_fingerprint_reads_and_writes_the_manifests_dict_unchanged():
+    fp = engine.RedisFingerprint.from_dict(FINGERPRINT_ON_DISK)
+    assert (fp.keys, fp.expires, fp.rdb_bytes) == (16, 3, 4096)
+    assert fp.dbs == {0: engine.DbCounts(3, 1), 10: engine.DbCounts(13, 2)}
+    assert fp.to_dict() == FINGERPRINT_ON_DISK
+    without_size = {k: v for k, v in FINGERPRINT_ON_DISK.items() if k != "rdb_bytes"}
+    assert engine.RedisFingerprint.from_dict(without_size).rdb_bytes is None
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"dbs": []}, "no 'dbs' object"),
+    ({"keys": 17}, "total keys 17 is not the sum over its dbs (16)"),
+    ({"dbs": {"zero": {"keys": 1, "expires": 0}}}, "db entry 'zero'"),
+    ({"dbs": {"0": {"keys": 1}}}, "db 0: expires is None, not a count"),
+])
+def test_an_invalid_fingerprint_is_a_damaged_backup_naming_it(repo, change, error):
+    with repo.begin("redis", "2026-11-23-10:00", "t") as pending:
+        with pending.artifact("data") as out:
+            out.write(b"x")
+        pending.commit(BackupOutcome({**FINGERPRINT_ON_DISK, **change}, {}, "7"))
+    record = repo.get("redis", "2026-11-23-10:00")
+    with pytest.raises(DamagedBackup, match="the manifest of redis backup 2026-11-23-10:00 "):
+        engine.fingerprint_of(record)
+    with pytest.raises(DamagedBackup, match=re.escape(error)):
+        engine.verify(repo, record)
+
+
 def test_wrong_password_and_unreachable_server_are_clear_and_change_nothing(rs, repo):
     wrong = engine.RedisServer(rs.host, rs.port, "not-the-password")
     with pytest.raises(CredentialsRejected, match="RAG_REDIS_PASSWORD"), \
@@ -307,10 +340,18 @@ def test_assets_and_restore_job(test_dbs, repo, repo_dir):
         partition_key=HOUR, instance=instance, resources=resources(test_dbs, repo_dir))
     assert result.success
     [mat] = result.asset_materializations_for_node("redis_backup")
-    fp = repo.get("redis", HOUR).manifest.fingerprint
-    assert mat.metadata["keys"].value == fp["keys"] >= 26
+    record = repo.get("redis", HOUR)
+    fp = engine.fingerprint_of(record)
+    assert mat.metadata["keys"].value == fp.keys >= 26
+    assert (mat.metadata["expires"].value, mat.metadata["dbs"].value,
+            mat.metadata["rdb_bytes"].value) == (fp.expires, len(fp.dbs), fp.rdb_bytes)
+    assert fp.dbs[10] == fp.dbs[11] == engine.DbCounts(13, 2) and fp.rdb_bytes > 0
     assert mat.metadata["size_bytes"].value > 0
-    assert repo.get("redis", HOUR).verified
+    assert record.verified
+    # the partition's window, as Dagster gives it, is in the manifest
+    window = redis_defs.HOURLY_PARTITIONS.time_window_for_partition_key(HOUR)
+    assert (record.manifest.window.start, record.manifest.window.end) == (window.start,
+                                                                           window.end)
 
     before = snapshot(test_dbs.client(11))
     test_dbs.client(11).flushdb()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import boto3
 import pytest
@@ -27,7 +29,7 @@ from rag_backup.repository import (
     backend_from_url,
 )
 from rag_backup.repository.backends import TMP_MARKER, safe_key
-from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.manifest import FORMAT_VERSION, PartitionWindow, utcnow
 from rag_backup_tests.receivers import free_port
 
 STACK_SERVICES = ("s3",)  # the S3 backend's tests; the filesystem ones need no store
@@ -195,6 +197,110 @@ def test_a_manifest_filed_under_another_partition_is_damaged(any_repo):
     [damage] = any_repo.damaged("teststore")
     assert damage.partition_key == "2026-11-22"
     assert "describes teststore partition 2026-11-20" in damage.error
+
+
+# -- the manifest's format: versioned, every earlier format readable ------------------------------
+
+def format1_manifest(partition: str, backup_id: str, payload: bytes, started: str) -> bytes:
+    """A manifest exactly as format-1 releases wrote it: no partition window."""
+    return json.dumps({
+        "artifacts": [{"path": "data.bin", "sha256": hashlib.sha256(payload).hexdigest(),
+                       "size": len(payload)}],
+        "backup_id": backup_id, "ended_at": started.replace(":00+", ":30+"),
+        "fingerprint": {"rows": 7}, "format_version": 1, "partition_key": partition,
+        "run_id": "run-of-release-1", "server_version": "15.6", "started_at": started,
+        "store": "teststore", "tool_versions": {"pg_dump": "pg_dump (PostgreSQL) 15.6"},
+    }, indent=2, sort_keys=True).encode()
+
+
+def test_a_format_1_manifest_written_by_hand_is_listed_restorable_and_aged(any_repo):
+    now = datetime(2026, 11, 24, 12, tzinfo=timezone.utc)
+    old_payload, recent_payload = b"format one, old", b"format one, recent"
+    for key, backup_id, payload, started in (
+            ("2026-10-01", "20261001T020000Z-0000aaaa", old_payload, "2026-10-01T02:00:00+00:00"),
+            ("2026-11-22", "20261122T020000Z-0000bbbb", recent_payload,
+             "2026-11-22T02:00:00+00:00")):
+        any_repo.backend.write_bytes(f"teststore/{key}/{backup_id}/data.bin", payload)
+        any_repo.backend.write_bytes(f"teststore/{key}/manifest.json",
+                                     format1_manifest(key, backup_id, payload, started))
+        any_repo.backend.write_bytes(f"teststore/{key}/verification.json", json.dumps({
+            "backup_id": backup_id, "checks": {}, "error": None, "ok": True,
+            "run_id": "r", "verified_at": started}).encode())
+    newer = write_backup(any_repo, "2026-11-23", b"format two")  # not verified
+
+    # listing
+    listing = any_repo.scan("teststore")
+    assert listing.damaged == []
+    assert [(r.partition_key, r.manifest.format_version, r.verified) for r in listing.backups] == [
+        ("2026-10-01", 1, True), ("2026-11-22", 1, True), ("2026-11-23", FORMAT_VERSION, False)]
+    old = listing.backups[0].manifest
+    assert old.partition_window is None  # format 1 records none: read from the key, as UTC
+    assert old.window == PartitionWindow(datetime(2026, 10, 1, tzinfo=timezone.utc),
+                                         datetime(2026, 10, 2, tzinfo=timezone.utc))
+    assert old.fingerprint == {"rows": 7} and old.duration_s == 30
+    # latest, and its artifact read back against the format-1 checksums
+    latest = any_repo.resolve("teststore", "latest")
+    assert latest.backup_id == "20261122T020000Z-0000bbbb"
+    assert any_repo.latest_verified("teststore").backup_id == latest.backup_id
+    chunks: list[bytes] = []
+    any_repo.stream_artifact(latest, latest.manifest.artifacts[0], chunks.append)
+    assert b"".join(chunks) == recent_payload
+    # retention: the format-1 backup past the window goes, the rest stay
+    decisions = {d.partition_key: d for d in any_repo.apply_retention(
+        "teststore", now=now, window=timedelta(days=30))}
+    assert decisions["2026-10-01"].delete and "54.5 days" in decisions["2026-10-01"].reason
+    assert not decisions["2026-11-22"].delete and not decisions["2026-11-23"].delete
+    assert any_repo.partitions("teststore") == ["2026-11-22", "2026-11-23"]
+    assert any_repo.get("teststore", "2026-11-23").backup_id == newer.backup_id
+
+
+def test_a_format_2_manifest_records_the_partition_window_it_was_given(any_repo):
+    # a partition of a timezone 14 hours ahead of UTC: its key says a day its window does not
+    zone = ZoneInfo("Pacific/Kiritimati")
+    window = PartitionWindow(datetime(2026, 10, 26, tzinfo=zone),
+                             datetime(2026, 10, 27, tzinfo=zone))
+    with any_repo.begin("teststore", "2026-10-26", "run-1", window=window) as pending:
+        with pending.artifact("data.bin") as out:
+            out.write(b"x")
+        pending.commit(BackupOutcome({}, {}, "x"))
+    raw = json.loads(any_repo.backend.read_bytes("teststore/2026-10-26/manifest.json"))
+    assert raw["format_version"] == 2
+    assert raw["partition_window"] == {"start": "2026-10-26T00:00:00+14:00",
+                                       "end": "2026-10-27T00:00:00+14:00"}
+    manifest = any_repo.get("teststore", "2026-10-26").manifest
+    assert manifest.window == window and manifest.window.start == datetime(
+        2026, 10, 25, 10, tzinfo=timezone.utc)
+    # retention ages it from the recorded start: 30.1 days at this moment, not 29.5
+    [decision] = any_repo.apply_retention("teststore", now=datetime(
+        2026, 11, 24, 12, tzinfo=timezone.utc), window=timedelta(days=30), dry_run=True)
+    assert decision.delete and "30.1 days" in decision.reason
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"format_version": 3}, "format_version 3; this version reads 1, 2"),
+    ({"format_version": "2"}, "format_version '2'; this version reads 1, 2"),
+    ({"partition_window": {"start": "2026-11-20T00:00:00+00:00"}}, "KeyError: 'end'"),
+    ({"partition_window": {"start": "2026-11-21T00:00:00+00:00",
+                           "end": "2026-11-20T00:00:00+00:00"}}, "not before its end"),
+    ({"partition_window": "yesterday"}, "partition_window is 'yesterday', not an object"),
+])
+def test_a_manifest_of_an_unknown_format_or_with_a_bad_window_is_damaged(any_repo, change,
+                                                                         error):
+    write_backup(any_repo, "2026-11-20", b"x")
+    doc = json.loads(any_repo.backend.read_bytes("teststore/2026-11-20/manifest.json"))
+    any_repo.backend.write_bytes("teststore/2026-11-20/manifest.json",
+                                 json.dumps({**doc, **change}).encode())
+    [damage] = any_repo.damaged("teststore")
+    assert error in damage.error
+    with pytest.raises(DamagedBackup, match="2026-11-20 is DAMAGED"):
+        any_repo.resolve("teststore", "2026-11-20", require_verified=False)
+
+
+def test_a_manifest_without_a_window_whose_key_is_not_a_date_says_so_at_retention(any_repo):
+    write_backup(any_repo, "nightly", b"x")  # committed outside Dagster: no window recorded
+    with pytest.raises(InvalidRequest, match="'nightly' is not a daily .* partition key"):
+        any_repo.apply_retention("teststore", now=utcnow(), window=timedelta(days=1))
+    assert any_repo.partitions("teststore") == ["nightly"]
 
 
 # -- two writers on one partition (no pool) ------------------------------------------------------

@@ -86,10 +86,28 @@ def test_partition_keys_parse_daily_and_hourly():
         partition_start("yesterday")
 
 
+def test_partition_start_keeps_reading_a_key_in_a_named_timezone():
+    # deprecated, kept for the MinIO engine until it reads manifest windows
+    assert partition_start("2026-11-24", "Europe/Berlin") == datetime(
+        2026, 11, 23, 23, tzinfo=timezone.utc)
+
+
 def test_a_partition_outside_the_window_is_refused_with_the_reason():
-    ensure_within_window("postgres", "2026-11-01", now=NOW, window=timedelta(days=30))
-    with pytest.raises(BackupExpired, match="outside the 30.0 days retention window"):
-        ensure_within_window("postgres", "2026-10-01", now=NOW, window=timedelta(days=30))
+    ensure_within_window("postgres", "2026-11-01", start=datetime(2026, 11, 1, tzinfo=timezone.utc),
+                         now=NOW, window=timedelta(days=30))
+    with pytest.raises(BackupExpired, match="2026-10-01 is 54.5 days old, outside the 30.0 days "
+                                            "retention window"):
+        ensure_within_window("postgres", "2026-10-01",
+                             start=datetime(2026, 10, 1, tzinfo=timezone.utc), now=NOW,
+                             window=timedelta(days=30))
+
+
+def test_the_window_check_counts_from_the_start_it_is_given_not_the_key():
+    # a partition of a timezone 14 hours ahead of UTC started 14 hours before its key says
+    ahead = datetime(2026, 10, 25, 10, tzinfo=timezone.utc)  # 2026-10-26 00:00 at UTC+14
+    with pytest.raises(BackupExpired, match="30.1 days old"):
+        ensure_within_window("postgres", "2026-10-26", start=ahead, now=NOW,
+                             window=timedelta(days=30))
 
 
 def damage(partition_key: str, kind: str = "manifest") -> DamagedRecord:
@@ -100,6 +118,7 @@ def damage(partition_key: str, kind: str = "manifest") -> DamagedRecord:
 @pytest.mark.parametrize("flag", [False, True])
 def test_a_damaged_backup_inside_the_window_is_kept_and_reported(flag):
     d = damaged_decision(damage("2026-11-20"), now=NOW, window=timedelta(days=30),
+                         start=datetime(2026, 11, 20, tzinfo=timezone.utc),
                          delete_past_window=flag)
     assert (d.delete, d.damaged, d.backup_id) == (False, True, "unknown (manifest damaged)")
     assert d.reason.startswith("DAMAGED: its manifest /repo/postgres/2026-11-20/manifest.json "
@@ -108,10 +127,17 @@ def test_a_damaged_backup_inside_the_window_is_kept_and_reported(flag):
 
 
 def test_a_damaged_backup_past_the_window_is_removed_only_when_asked_saying_so():
-    old = damage("2026-09-01")
-    kept = damaged_decision(old, now=NOW, window=timedelta(days=30))
+    old, start = damage("2026-09-01"), datetime(2026, 9, 1, tzinfo=timezone.utc)
+    kept = damaged_decision(old, now=NOW, window=timedelta(days=30), start=start)
     assert not kept.delete and "older than the 30.0 days window" in kept.reason
     assert "delete_damaged_past_window" in kept.reason
-    removed = damaged_decision(old, now=NOW, window=timedelta(days=30), delete_past_window=True)
+    removed = damaged_decision(old, now=NOW, window=timedelta(days=30), start=start,
+                               delete_past_window=True)
     assert removed.delete and removed.damaged
     assert "removed (delete_damaged_past_window is set)" in removed.reason
+
+
+def test_a_damaged_backup_whose_start_is_unknown_is_never_removed():
+    d = damaged_decision(damage("not-a-date"), now=NOW, window=timedelta(days=30), start=None,
+                         delete_past_window=True)
+    assert (d.delete, d.damaged) == (False, True) and "left for an operator" in d.reason

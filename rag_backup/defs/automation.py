@@ -17,10 +17,9 @@ import dagster as dg
 from rag_backup import errors
 from rag_backup.alerts import Alert, AlertDeliveryError
 from rag_backup.defs.common import StorePolicy
-from rag_backup.defs.partitions import SENSOR_STATUS, TIMEZONE
+from rag_backup.defs.partitions import SENSOR_STATUS
 from rag_backup.defs.resources import AlertResource, AutomationResource, BackupRepositoryResource
 from rag_backup.repository.manifest import utcnow
-from rag_backup.repository.retention import partition_start
 
 CATCHUP_INTERVAL_S = 300
 RPO_INTERVAL_S = 120
@@ -40,7 +39,7 @@ def due_partitions(policy: StorePolicy, now: datetime, window: timedelta,
     keys = policy.partitions_def.get_partition_keys(current_time=now)
     due = []
     for key in reversed(keys):
-        start = partition_start(key, TIMEZONE)
+        start = policy.partitions_def.time_window_for_partition_key(key).start
         if start < horizon:
             break
         due_at = start + policy.due_after

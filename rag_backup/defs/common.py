@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.defs.partition_index import mark_partitions_deleted
-from rag_backup.defs.partitions import TIMEZONE
+from rag_backup.defs.partitions import context_window, window_of
 from rag_backup.engines.comparison import Comparison
 from rag_backup.errors import BackupNotFound, RepositoryError, StoreUnreachable
 from rag_backup.repository import (
@@ -91,9 +91,10 @@ def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, sto
     A run that loses a race with another writer of the partition fails with
     ``ConcurrentBackup`` naming that run; neither run's files are deleted by the other."""
     key = context.partition_key
-    ensure_within_window(store, key, now=utcnow(), window=window, tz=TIMEZONE)
+    partition = context_window(context)  # recorded in the manifest
+    ensure_within_window(store, key, start=partition.start, now=utcnow(), window=window)
     with retry_when_unreachable():
-        with repo.begin(store, key, context.run.run_id) as pending:
+        with repo.begin(store, key, context.run.run_id, window=partition) as pending:
             outcome = take(pending)
             manifest = pending.commit(outcome)
         record = repo.get(store, key)
@@ -196,9 +197,15 @@ def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, s
     operator unless ``delete_damaged_past_window``), and collect what dead runs left behind
     (older than ``stale_after_hours``). Transient repository failures are retried."""
     settings = retention_settings(context, config)
+    partitions_def = context.assets_def.partitions_def
+
+    def damaged_start(key: str):  # a damaged partition's manifest cannot say: Dagster does
+        found = window_of(partitions_def, key)
+        return found.start if found is not None else None
+
     with retry_when_unreachable():
         decisions = repo.apply_retention(
-            store, now=utcnow(), window=window, dry_run=dry_run, tz=TIMEZONE,
+            store, now=utcnow(), window=window, dry_run=dry_run, damaged_start=damaged_start,
             delete_damaged_past_window=settings.delete_damaged_past_window)
         stale = collect_stale(repo, store, dry_run=dry_run,
                               older_than=timedelta(hours=settings.stale_after_hours))

@@ -12,6 +12,8 @@ import os
 
 import dagster as dg
 
+from rag_backup.repository.manifest import PartitionWindow
+
 TIMEZONE = os.environ.get("RAG_BACKUP_TIMEZONE", "UTC")
 AUTOMATION_ON = os.environ.get("RAG_BACKUP_AUTOMATION", "on").lower() not in ("off", "0", "no")
 SCHEDULE_STATUS = dg.DefaultScheduleStatus.RUNNING if AUTOMATION_ON else \
@@ -24,3 +26,23 @@ DAILY_PARTITIONS = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_off
                                                 timezone=TIMEZONE)
 HOURLY_PARTITIONS = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", end_offset=1,
                                                   timezone=TIMEZONE)
+
+
+def window_of(partitions_def: dg.PartitionsDefinition, partition_key: str
+              ) -> PartitionWindow | None:
+    """The time window of ``partition_key`` as the partitions definition knows it (in its
+    timezone), for a partition that has no manifest to say; ``None`` if it is not one of its
+    keys' form."""
+    if not isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
+        return None
+    try:
+        found = partitions_def.time_window_for_partition_key(partition_key)
+    except ValueError:
+        return None
+    return PartitionWindow(found.start, found.end)
+
+
+def context_window(context: dg.AssetExecutionContext) -> PartitionWindow:
+    """The run's partition window, from Dagster (``context.partition_time_window``)."""
+    found = context.partition_time_window
+    return PartitionWindow(found.start, found.end)

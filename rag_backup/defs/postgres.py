@@ -38,8 +38,13 @@ def postgres_backup(context: dg.AssetExecutionContext, repository: BackupReposit
                              timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
                              log=context.log.info)
 
-    return commit_backup(context, repository.open(), STORE, RETENTION, take, lambda o: {
-        "tables": o.tables, "rows": o.rows, "databases": len(o.fingerprint["databases"])})
+    return commit_backup(context, repository.open(), STORE, RETENTION, take, counts)
+
+
+def counts(outcome: engine.BackupOutcome) -> dict[str, int]:
+    """The numbers the UI plots for a PostgreSQL backup."""
+    fp = engine.fingerprint_of(outcome)
+    return {"tables": fp.tables, "rows": fp.rows, "databases": len(fp.databases)}
 
 
 @dg.asset(deps=[postgres_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP,

@@ -38,9 +38,16 @@ def redis_backup(context: dg.AssetExecutionContext, repository: BackupRepository
         return engine.backup(redis.server(), pending, timeout_s=redis.timeout_s,
                              zstd_level=redis.zstd_level, log=context.log.info)
 
-    return commit_backup(context, repository.open(), STORE, RETENTION, take, lambda o: {
-        "keys": o.keys, "expires": o.fingerprint["expires"],
-        "dbs": len(o.fingerprint["dbs"]), "rdb_bytes": o.fingerprint["rdb_bytes"]})
+    return commit_backup(context, repository.open(), STORE, RETENTION, take, counts)
+
+
+def counts(outcome: engine.BackupOutcome) -> dict[str, int]:
+    """The numbers the UI plots for a Redis backup."""
+    fp = engine.fingerprint_of(outcome)
+    plotted = {"keys": fp.keys, "expires": fp.expires, "dbs": len(fp.dbs)}
+    if fp.rdb_bytes is not None:  # always, for a backup this engine takes
+        plotted["rdb_bytes"] = fp.rdb_bytes
+    return plotted
 
 
 @dg.asset(deps=[redis_backup], partitions_def=HOURLY_PARTITIONS, group_name=GROUP,
@@ -120,7 +127,7 @@ def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
                           require_verified=not config.allow_unverified)
     metadata = {"partition_key": dg.MetadataValue.text(record.partition_key),
                 "backup_id": dg.MetadataValue.text(record.backup_id),
-                "keys_in_backup": dg.MetadataValue.int(record.manifest.fingerprint["keys"])}
+                "keys_in_backup": dg.MetadataValue.int(engine.fingerprint_of(record).keys)}
     if config.mode == "file":
         if not config.data_dir:
             raise InvalidRequest("file mode needs data_dir: the stopped server's data directory")

@@ -32,6 +32,7 @@ from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
+    DamagedBackup,
     IntegrityError,
     InvalidRequest,
     RagBackupError,
@@ -131,16 +132,98 @@ class DatabaseFingerprint:
                 "lc_ctype": self.lc_ctype, "tables": self.tables,
                 "large_objects": self.large_objects, "rows": self.rows}
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], database: str = "") -> DatabaseFingerprint:
+        """The dict form back; ``ValueError`` saying what is wrong if it is not one."""
+        what = f"database {database!r}" if database else "database"
+        if not isinstance(doc, dict):
+            raise ValueError(f"{what}: {doc!r} is not an object")
+        for name in ("encoding", "lc_collate", "lc_ctype"):
+            if not isinstance(doc.get(name), str):
+                raise ValueError(f"{what}: {name} is {doc.get(name)!r}, not a string")
+        tables = doc.get("tables")
+        if not isinstance(tables, dict) or not all(
+                isinstance(t, str) and _is_count(n) for t, n in tables.items()):
+            raise ValueError(f"{what}: tables is not an object of table: row count")
+        if not _is_count(doc.get("large_objects")):
+            raise ValueError(f"{what}: large_objects is {doc.get('large_objects')!r}, not a "
+                             "count")
+        found = cls(doc["encoding"], doc["lc_collate"], doc["lc_ctype"], dict(tables),
+                    doc["large_objects"])
+        if "rows" in doc and doc["rows"] != found.rows:
+            raise ValueError(f"{what}: rows {doc['rows']!r} is not the sum over its tables "
+                             f"({found.rows})")
+        return found
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+@dataclass(frozen=True)
+class PostgresFingerprint:
+    """What a PostgreSQL backup holds: each database's fingerprint (encoding, locale, exact row
+    count per table, large objects), and whether its globals carry role passwords. ``to_dict``
+    is what the manifest stores (``{"databases": {name: DatabaseFingerprint.to_dict()},
+    "tables", "rows", "globals_include_role_passwords"}``)."""
+
+    databases: dict[str, DatabaseFingerprint]
+    globals_include_role_passwords: bool = True
+
+    @property
+    def tables(self) -> int:
+        return sum(len(d.tables) for d in self.databases.values())
+
+    @property
+    def rows(self) -> int:
+        return sum(d.rows for d in self.databases.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"databases": {name: fp.to_dict() for name, fp in self.databases.items()},
+                "tables": self.tables, "rows": self.rows,
+                "globals_include_role_passwords": self.globals_include_role_passwords}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> PostgresFingerprint:
+        """The dict form back; ``ValueError`` saying what is wrong if it is not one."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("databases"), dict):
+            raise ValueError("it has no 'databases' object")
+        passwords = doc.get("globals_include_role_passwords", True)
+        if not isinstance(passwords, bool):
+            raise ValueError(f"globals_include_role_passwords is {passwords!r}, not a boolean")
+        found = cls({name: DatabaseFingerprint.from_dict(fp, name)
+                     for name, fp in doc["databases"].items()}, passwords)
+        for total in ("tables", "rows"):
+            if total in doc and doc[total] != getattr(found, total):
+                raise ValueError(f"total {total} {doc[total]!r} is not the sum over its "
+                                 f"databases ({getattr(found, total)})")
+        return found
+
+
+def fingerprint_of(source: BackupRecord | repository.Manifest | repository.BackupOutcome
+                   ) -> PostgresFingerprint:
+    """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome;
+    an invalid one raises ``DamagedBackup`` naming the backup."""
+    manifest = source.manifest if isinstance(source, BackupRecord) else source
+    try:
+        return PostgresFingerprint.from_dict(manifest.fingerprint)
+    except (ValueError, TypeError, AttributeError) as exc:
+        where = (f"the manifest of postgres backup {manifest.partition_key} "
+                 f"({manifest.backup_id})" if isinstance(manifest, repository.Manifest)
+                 else "a postgres backup's outcome")
+        raise DamagedBackup(f"{where} has an invalid fingerprint: {exc}", file=where,
+                            error=str(exc)) from exc
+
 
 @dataclass(frozen=True)
 class BackupOutcome(repository.BackupOutcome):
     @property
     def tables(self) -> int:
-        return self.fingerprint["tables"]
+        return fingerprint_of(self).tables
 
     @property
     def rows(self) -> int:
-        return self.fingerprint["rows"]
+        return fingerprint_of(self).rows
 
 
 # -- reading the server ------------------------------------------------------------------
@@ -318,23 +401,18 @@ def backup(server: PostgresServer, pending: PendingBackup, *,
     if missing:
         raise InvalidRequest(f"{server.describe()} has no database(s) {', '.join(missing)}; "
                              f"it has: {', '.join(available)}")
-    per_db: dict[str, Any] = {}
+    per_db: dict[str, DatabaseFingerprint] = {}
     for name in chosen:
         started = time.monotonic()
         fp = dump_database(server, name, pending, timeout_s=timeout_s, zstd_level=zstd_level)
-        per_db[name] = fp.to_dict()
+        per_db[name] = fp
         log(f"pg_dump {name}: {len(fp.tables)} tables, {fp.rows} rows, "
             f"{fp.large_objects} large objects in {time.monotonic() - started:.1f} s")
     with_passwords = dump_globals(server, pending, timeout_s=timeout_s, zstd_level=zstd_level)
-    fingerprint = {
-        "databases": per_db,
-        "tables": sum(len(d["tables"]) for d in per_db.values()),
-        "rows": sum(d["rows"] for d in per_db.values()),
-        "globals_include_role_passwords": with_passwords,
-    }
+    fingerprint = PostgresFingerprint(per_db, with_passwords)
     versions = {"pg_dump": tool_version(server, "pg_dump"),
                 "zstd": f"python-zstandard {zstandard.__version__}"}
-    return BackupOutcome(fingerprint, versions, version)
+    return BackupOutcome(fingerprint.to_dict(), versions, version)
 
 
 # -- verify ------------------------------------------------------------------------------
@@ -351,7 +429,7 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
     parses it and lists data for every table of the fingerprint. Raises ``IntegrityError``."""
     manifest = record.manifest
     tool = (server or PostgresServer("", 0, "")).tool("pg_restore")
-    databases = manifest.fingerprint["databases"]
+    databases = fingerprint_of(record).databases
     checks: dict[str, Any] = {"artifacts": len(manifest.artifacts), "archives_listed": 0}
     expected = {f"{db}{DUMP_SUFFIX}" for db in databases} | {GLOBALS_ARTIFACT}
     present = {a.path for a in manifest.artifacts}
@@ -378,7 +456,7 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
             listing.seek(0)
             toc = listing.read().decode("utf-8", errors="replace")
         db = artifact.path[: -len(DUMP_SUFFIX)]
-        absent = sorted(t for t, n in databases[db]["tables"].items()
+        absent = sorted(t for t, n in databases[db].tables.items()
                         if n > 0 and not _has_table_data(toc, t))
         if absent:
             raise IntegrityError(f"postgres backup {manifest.partition_key}: archive "
@@ -420,12 +498,38 @@ def _drop_database(admin, name: str) -> None:
             sql.Identifier(name)))
 
 
+MAINTENANCE_DATABASES = frozenset({"postgres", "template0", "template1"})
+
+
+def drop_database(server: PostgresServer, name: str) -> bool:
+    """Drop database ``name`` on ``server`` if it exists, ending its sessions (a scratch
+    target of a restore or a drill); True if it was there. The maintenance databases
+    (``postgres``, ``template0``, ``template1``) are refused."""
+    if not name or name in MAINTENANCE_DATABASES:
+        raise InvalidRequest(f"{STORE}: refusing to drop database {name!r} on "
+                             f"{server.describe()}: only scratch targets are dropped")
+    admin = server.connect("postgres")
+    admin.autocommit = True
+    try:
+        existed = _database_exists(admin, name)
+        if existed:
+            _drop_database(admin, name)
+        return existed
+    except psycopg2.Error as exc:
+        raise StoreUnreachable(f"dropping database {name!r} on {server.describe()} failed: "
+                               f"{tail(str(exc))}") from exc
+    finally:
+        admin.close()
+
+
 def _expected(record: BackupRecord, source_database: str) -> dict[str, Any]:
-    fingerprints = record.manifest.fingerprint["databases"]
+    """The fingerprint of ``source_database`` in the backup, in the dict form ``pg_catalog``
+    compares with."""
+    fingerprints = fingerprint_of(record).databases
     if source_database not in fingerprints:
         raise InvalidRequest(f"postgres backup {record.partition_key} has no database "
                              f"{source_database!r}; it has: {', '.join(sorted(fingerprints))}")
-    return fingerprints[source_database]
+    return fingerprints[source_database].to_dict()
 
 
 def _unpack(repo: BackupRepository, record: BackupRecord, source_database: str, tmp: str,
@@ -559,8 +663,7 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
             if restore_roles:
                 roles = pg_roles.restore_roles(
                     admin, pg_roles.read_globals(repo, record), connecting_user=server.user,
-                    with_passwords=record.manifest.fingerprint.get(
-                        "globals_include_role_passwords", True),
+                    with_passwords=fingerprint_of(record).globals_include_role_passwords,
                     update_existing=update_existing_roles, log=log)
             with admin.cursor() as cur:
                 cur.execute(pg_catalog.create_database_sql(
@@ -617,7 +720,7 @@ def check_credentials(server: PostgresServer) -> None:
 
 
 __all__ = [
-    "STORE", "BackupOutcome", "DatabaseFingerprint", "PostgresServer", "RagBackupError",
-    "RestoreReport", "backup", "check_credentials", "compare_database", "list_databases",
-    "restore", "verify",
+    "STORE", "BackupOutcome", "DatabaseFingerprint", "PostgresFingerprint", "PostgresServer",
+    "RagBackupError", "RestoreReport", "backup", "check_credentials", "compare_database",
+    "fingerprint_of", "list_databases", "restore", "verify",
 ]

@@ -35,6 +35,7 @@ from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
+    DamagedBackup,
     IntegrityError,
     InvalidRequest,
     StoreUnreachable,
@@ -103,10 +104,84 @@ def _binary(name: str, override: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
+class DbCounts:
+    """Keys, and keys with a TTL, of one Redis database."""
+
+    keys: int
+    expires: int
+
+
+@dataclass(frozen=True)
+class RedisFingerprint:
+    """What a Redis backup holds, read from its RDB: keys and expiring keys per database, and
+    the RDB's size. ``to_dict`` is what the manifest stores (``{"dbs": {"<db>": {"keys",
+    "expires"}}, "keys", "expires", "rdb_bytes"}``)."""
+
+    dbs: dict[int, DbCounts]
+    rdb_bytes: int | None = None  # the uncompressed RDB (None: not recorded)
+
+    @property
+    def keys(self) -> int:
+        return sum(d.keys for d in self.dbs.values())
+
+    @property
+    def expires(self) -> int:
+        return sum(d.expires for d in self.dbs.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "dbs": {str(db): {"keys": c.keys, "expires": c.expires}
+                    for db, c in sorted(self.dbs.items())},
+            "keys": self.keys, "expires": self.expires}
+        if self.rdb_bytes is not None:
+            doc["rdb_bytes"] = self.rdb_bytes
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> RedisFingerprint:
+        """The dict form back; ``ValueError`` saying what is wrong if it is not one."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("dbs"), dict):
+            raise ValueError("it has no 'dbs' object")
+        dbs = {}
+        for db, counts in doc["dbs"].items():
+            if not (isinstance(db, str) and db.isdigit() and isinstance(counts, dict)):
+                raise ValueError(f"db entry {db!r}: {counts!r} is not a db number with counts")
+            dbs[int(db)] = DbCounts(_count(counts, "keys", f"db {db}"),
+                                    _count(counts, "expires", f"db {db}"))
+        found = cls(dbs, _count(doc, "rdb_bytes", "the RDB") if "rdb_bytes" in doc else None)
+        for total in ("keys", "expires"):
+            if total in doc and _count(doc, total, "the total") != getattr(found, total):
+                raise ValueError(f"total {total} {doc[total]!r} is not the sum over its dbs "
+                                 f"({getattr(found, total)})")
+        return found
+
+
+def _count(doc: dict[str, Any], name: str, what: str) -> int:
+    value = doc.get(name)
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{what}: {name} is {value!r}, not a count")
+    return value
+
+
+def fingerprint_of(source: BackupRecord | repository.Manifest | repository.BackupOutcome
+                   ) -> RedisFingerprint:
+    """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome;
+    an invalid one raises ``DamagedBackup`` naming the backup."""
+    manifest = source.manifest if isinstance(source, BackupRecord) else source
+    try:
+        return RedisFingerprint.from_dict(manifest.fingerprint)
+    except (ValueError, TypeError, AttributeError) as exc:
+        where = (f"the manifest of redis backup {manifest.partition_key} ({manifest.backup_id})"
+                 if isinstance(manifest, repository.Manifest) else "a redis backup's outcome")
+        raise DamagedBackup(f"{where} has an invalid fingerprint: {exc}", file=where,
+                            error=str(exc)) from exc
+
+
+@dataclass(frozen=True)
 class BackupOutcome(repository.BackupOutcome):
     @property
     def keys(self) -> int:
-        return self.fingerprint["keys"]
+        return fingerprint_of(self).keys
 
 
 # -- a private, temporary redis-server holding an RDB -------------------------------------
@@ -199,22 +274,22 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def keyspace(client: redis.Redis) -> dict[str, dict[str, int]]:
-    """``{db: {"keys": n, "expires": m}}`` from INFO keyspace, for every non-empty db."""
-    return {name[2:]: {"keys": int(v["keys"]), "expires": int(v["expires"])}
+def keyspace(client: redis.Redis) -> dict[int, DbCounts]:
+    """Keys and expiring keys from INFO keyspace, for every non-empty db."""
+    return {int(name[2:]): DbCounts(int(v["keys"]), int(v["expires"]))
             for name, v in client.info("keyspace").items() if name.startswith("db")}
 
 
 def fingerprint_rdb(rdb: Path, *, binary: str | None = None,
-                    timeout_s: float = 600) -> dict[str, Any]:
+                    timeout_s: float = 600) -> RedisFingerprint:
+    """Keys and expiring keys per db of ``rdb`` (loaded into a private replica), and its size."""
     with scratch_server(rdb, binary=binary, timeout_s=timeout_s) as sock:
         client = unix_client(sock, 0, timeout_s)
         try:
             dbs = keyspace(client)
         finally:
             client.close()
-    return {"dbs": dbs, "keys": sum(d["keys"] for d in dbs.values()),
-            "expires": sum(d["expires"] for d in dbs.values())}
+    return RedisFingerprint(dbs, rdb.stat().st_size)
 
 
 # -- backup --------------------------------------------------------------------------------
@@ -254,12 +329,12 @@ def backup(server: RedisServer, pending: PendingBackup, *, timeout_s: float = 36
         log(f"RDB received from {server.describe()}: {rdb.stat().st_size} bytes in "
             f"{time.monotonic() - started:.1f} s")
         fingerprint = fingerprint_rdb(rdb, binary=redis_server_bin, timeout_s=timeout_s)
-        fingerprint["rdb_bytes"] = rdb.stat().st_size
         with open(rdb, "rb") as source:
             compress_into(pending, RDB_ARTIFACT, source, zstd_level)
     versions = {"redis-cli": run([_binary("redis-cli"), "--version"], what="redis-cli --version",
                                  timeout=30).stdout.decode().strip()}
-    return BackupOutcome(fingerprint, versions, str(info.get("redis_version", "unknown")))
+    return BackupOutcome(fingerprint.to_dict(), versions,
+                         str(info.get("redis_version", "unknown")))
 
 
 # -- verify --------------------------------------------------------------------------------
@@ -300,14 +375,14 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
            workdir: str | None = None) -> dict[str, Any]:
     """sha256 and size against the manifest, ``redis-check-rdb``, and its key counts against
     the fingerprint."""
-    fp = record.manifest.fingerprint
+    fp = fingerprint_of(record)
     with tempfile.TemporaryDirectory(prefix="rag-backup-redis-", dir=workdir) as tmp:
         counts = check_rdb(unpack(repo, record, Path(tmp) / "dump.rdb"), timeout_s=timeout_s)
-    if counts["keys_read"] != fp["keys"] or counts["expires"] != fp["expires"]:
+    if counts["keys_read"] != fp.keys or counts["expires"] != fp.expires:
         raise IntegrityError(
             f"redis backup {record.partition_key}: redis-check-rdb reads {counts['keys_read']} "
-            f"keys ({counts['expires']} expiring), the manifest records {fp['keys']} "
-            f"({fp['expires']})")
+            f"keys ({counts['expires']} expiring), the manifest records {fp.keys} "
+            f"({fp.expires})")
     return {"keys_checked": counts["keys_read"], "expires_checked": counts["expires"]}
 
 
@@ -395,7 +470,7 @@ def replay(repo: BackupRepository, record: BackupRecord, target: RedisServer, *,
     target (``host:port`` when several dbs are restored).
     """
     started = time.monotonic()
-    in_backup = {int(k): v["keys"] for k, v in record.manifest.fingerprint["dbs"].items()}
+    in_backup = {db: c.keys for db, c in fingerprint_of(record).dbs.items()}
     chosen = sorted(in_backup) if dbs is None else sorted(set(dbs))
     unknown = [d for d in chosen if d not in in_backup]
     if unknown:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rag_backup.errors import DamagedBackup
+from rag_backup.errors import DamagedBackup, InvalidRequest
 
-FORMAT_VERSION = 1
+# Format 2 adds ``partition_window`` (the partition's start and end, from Dagster). Every format
+# an earlier release wrote stays readable: a release must read them all.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+# How partition keys are written (hourly, daily); read only by the format-1 fallback below.
+PARTITION_KEY_FORMATS = (("%Y-%m-%d-%H:%M", timedelta(hours=1)), ("%Y-%m-%d", timedelta(days=1)))
 
 
 def utcnow() -> datetime:
@@ -45,6 +50,53 @@ def damaged(what: str, where: str, exc: BaseException | str) -> DamagedBackup:
 
 
 @dataclass(frozen=True)
+class PartitionWindow:
+    """The time a partition covers, ``[start, end)``, as Dagster's partitions definition gives it
+    (``context.partition_time_window``): timezone-aware, in the partitions' timezone."""
+
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise InvalidRequest(f"partition window {self.start} - {self.end} has no timezone")
+        if not self.start < self.end:
+            raise InvalidRequest(f"partition window starts at {self.start.isoformat()}, not "
+                                 f"before its end {self.end.isoformat()}")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> PartitionWindow:
+        if not isinstance(doc, dict):
+            raise ValueError(f"partition_window is {doc!r}, not an object with start and end")
+        try:
+            return cls(_aware(doc["start"], "partition_window.start"),
+                       _aware(doc["end"], "partition_window.end"))
+        except InvalidRequest as exc:
+            raise ValueError(str(exc)) from exc
+
+
+def format1_window(partition_key: str) -> PartitionWindow:
+    """FORMAT-1 FALLBACK, the only place a partition key is parsed back into time.
+
+    Format-1 manifests (and format-2 ones committed outside Dagster, by a script or a test that
+    gave ``begin`` no window) do not record their partition's window: it is read from the key,
+    as releases before format 2 did, a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``)
+    key taken as UTC. Raises ``InvalidRequest`` for a key of neither form."""
+    for fmt, length in PARTITION_KEY_FORMATS:
+        try:
+            start = datetime.strptime(partition_key, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+        return PartitionWindow(start, start + length)
+    raise InvalidRequest(f"{partition_key!r} is not a daily (YYYY-MM-DD) or hourly "
+                         "(YYYY-MM-DD-HH:MM) partition key: its time window cannot be read "
+                         "from it")
+
+
+@dataclass(frozen=True)
 class Artifact:
     """One file of a backup, relative to the backup's directory."""
 
@@ -65,9 +117,16 @@ class Manifest:
     ended_at: datetime
     tool_versions: dict[str, str]
     server_version: str
-    fingerprint: dict[str, Any]
+    fingerprint: dict[str, Any]  # the engine's typed fingerprint, in its dict form
     artifacts: tuple[Artifact, ...]
+    partition_window: PartitionWindow | None = None  # as recorded (None: format 1, or no Dagster)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def window(self) -> PartitionWindow:
+        """The partition's window: as recorded from Dagster, else (format 1) read from the key
+        by ``format1_window``."""
+        return self.partition_window or format1_window(self.partition_key)
 
     @property
     def size_bytes(self) -> int:
@@ -81,6 +140,8 @@ class Manifest:
         doc = asdict(self)
         doc["started_at"], doc["ended_at"] = _ts(self.started_at), _ts(self.ended_at)
         doc["artifacts"] = [asdict(a) for a in self.artifacts]
+        doc["partition_window"] = (self.partition_window.to_dict()
+                                   if self.partition_window is not None else None)
         return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode()
 
     @classmethod
@@ -88,10 +149,14 @@ class Manifest:
         """Parse a manifest; an unreadable or invalid one raises ``DamagedBackup`` (an
         ``IntegrityError``) naming ``where`` and the parse error."""
         doc = load_record(data, "manifest", where)
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise damaged("manifest", where, f"format_version {doc.get('format_version')!r}; "
-                          f"this version reads {FORMAT_VERSION}")
+        version = doc.get("format_version")
+        if type(version) is not int or version not in READABLE_FORMATS:
+            raise damaged("manifest", where, f"format_version {version!r}; this version reads "
+                          f"{', '.join(map(str, READABLE_FORMATS))}")
         try:
+            window = None
+            if version >= 2 and doc["partition_window"] is not None:
+                window = PartitionWindow.from_dict(doc["partition_window"])
             artifacts = tuple(Artifact(**a) for a in doc["artifacts"])
             for a in artifacts:
                 if not (isinstance(a.path, str) and isinstance(a.size, int)
@@ -109,6 +174,7 @@ class Manifest:
                 ended_at=_aware(doc["ended_at"], "ended_at"),
                 tool_versions=dict(doc["tool_versions"]), server_version=doc["server_version"],
                 fingerprint=dict(doc["fingerprint"]), artifacts=artifacts,
+                partition_window=window, format_version=version,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise damaged("manifest", where, exc) from exc

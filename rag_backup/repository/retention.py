@@ -4,33 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from rag_backup.errors import InvalidRequest
-
-PARTITION_FORMATS = ("%Y-%m-%d-%H:%M", "%Y-%m-%d")
+from rag_backup.repository.manifest import format1_window
 
 
 def partition_start(partition_key: str, tz: str = "UTC") -> datetime:
-    """The start of a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``) partition whose
+    """DEPRECATED: parses the key back into time with a time-zone string. Use the window the
+    manifest records (``record.manifest.window.start``) for a committed backup, and Dagster's
+    ``partitions_def.time_window_for_partition_key(key).start`` (in ``defs/``, passed down as a
+    datetime) for a partition without one. Kept, with this signature, until the MinIO engine
+    stops calling it.
+
+    The start of a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``) partition whose
     key is written in timezone ``tz``."""
     zone = timezone.utc if tz == "UTC" else ZoneInfo(tz)
-    for fmt in PARTITION_FORMATS:
-        try:
-            return datetime.strptime(partition_key, fmt).replace(tzinfo=zone)
-        except ValueError:
-            continue
-    raise InvalidRequest(f"{partition_key!r} is not a daily (YYYY-MM-DD) or hourly "
-                         "(YYYY-MM-DD-HH:MM) partition key")
+    return format1_window(partition_key).start.replace(tzinfo=zone)
 
 
 @dataclass(frozen=True)
 class RetentionCandidate:
     partition_key: str
     backup_id: str
-    taken_at: datetime
+    taken_at: datetime  # the start of its partition's window (what its age is counted from)
     verified: bool
 
 
@@ -78,17 +77,17 @@ def plan_retention(
     return decisions
 
 
-def damaged_decision(damage: Any, *, now: datetime, window: timedelta, tz: str = "UTC",
-                     delete_past_window: bool = False) -> RetentionDecision:
+def damaged_decision(damage: Any, *, now: datetime, window: timedelta,
+                     start: datetime | None, delete_past_window: bool = False
+                     ) -> RetentionDecision:
     """Retention's decision for a DAMAGED partition (a ``DamagedRecord``): never deleted
     silently. Kept and reported for an operator; removed, saying so, only once older than
-    ``window`` and only when ``delete_past_window`` is set."""
+    ``window`` and only when ``delete_past_window`` is set. ``start`` is when the partition
+    starts (its manifest cannot say: the caller asks its partitions definition); ``None``
+    (unknown) keeps it."""
     backup_id = getattr(damage, "backup_id", None) or "unknown (manifest damaged)"
     what = f"DAMAGED: its {damage.kind} {damage.file} cannot be read ({damage.error})"
-    try:
-        age: timedelta | None = now - partition_start(damage.partition_key, tz)
-    except InvalidRequest:
-        age = None
+    age: timedelta | None = now - start if start is not None else None
     if age is not None and age > window:
         if delete_past_window:
             return RetentionDecision(damage.partition_key, backup_id, True,
@@ -106,12 +105,13 @@ def damaged_decision(damage: Any, *, now: datetime, window: timedelta, tz: str =
                              "repair it", damaged=True)
 
 
-def ensure_within_window(store: str, partition_key: str, *, now: datetime,
-                         window: timedelta, tz: str = "UTC") -> None:
-    """Refuse to back up a partition that retention would delete at once."""
+def ensure_within_window(store: str, partition_key: str, *, start: datetime, now: datetime,
+                         window: timedelta) -> None:
+    """Refuse to back up a partition (starting at ``start``) that retention would delete at
+    once."""
     from rag_backup.errors import BackupExpired
 
-    age = now - partition_start(partition_key, tz)
+    age = now - start
     if age > window:
         raise BackupExpired(
             f"{store}: partition {partition_key} is {_age(age)} old, outside the {_age(window)} "
