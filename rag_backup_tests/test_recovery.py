@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 
 from rag_backup import consistency
+from rag_backup import recovery as plain
 from rag_backup.defs import milvus as milvus_defs
 from rag_backup.defs import minio as minio_defs
 from rag_backup.defs import postgres as pg_defs
@@ -23,7 +24,11 @@ from rag_backup.defs.resources import (
     PostgresResource,
     RedisResource,
 )
-from rag_backup.repository import BackupRepository, FilesystemBackend
+from rag_backup.engines import milvus as milvus_engine
+from rag_backup.engines import minio as minio_engine
+from rag_backup.engines import postgres as pg_engine
+from rag_backup.errors import ConfirmationRequired, InvalidRequest
+from rag_backup.repository import BackupRepository, FilesystemBackend, S3Backend
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests import pgutil
 
@@ -132,10 +137,12 @@ def test_a_point_before_every_backup_is_refused(resources, backed_up):
 
 def remove_scratch(pg, s3, resources, databases: set[str], buckets_: set[str],
                    collections: list[str]) -> None:
-    recovery.drop_collections(resources["milvus"], dict(zip(collections, collections)))
+    milvus_engine.drop_collections(resources["milvus"].server(), collections)
     for name in databases:
         pgutil.drop_database(pg, name)
-    recovery.remove_buckets(resources["minio"], {b: b for b in buckets_})
+    for bucket in buckets_:
+        minio_engine.remove_bucket(resources["minio"].s3(), bucket,
+                                   repo=resources["repository"].open())
 
 
 def test_restore_all_restores_every_database_into_targets_of_one_timestamp(
@@ -206,6 +213,60 @@ def test_production_needs_every_confirmation(pg, resources, backed_up):
     assert "set milvus_confirm to 'ministry_images,ministry_text'" in str(
         result.failure_data_for_node("restore_all_stores").error)
     assert pgutil.databases(pg) == before
+
+
+def plain_stores(resources) -> list[plain.StoreRecovery]:
+    """The recovery table built from engine connections only, as a command line would."""
+    return [plain.PostgresRecovery(resources["postgres"].server()),
+            plain.RedisRecovery(resources["redis"].server()),
+            plain.MinioRecovery(resources["minio"].s3()),
+            plain.MilvusRecovery(resources["milvus"].server())]
+
+
+def test_the_plain_module_checks_every_confirmation_before_restoring_anything(
+        pg, resources, backed_up, repo):
+    """Without Dagster: production with the last store unconfirmed restores no store (the
+    confirmed ones before it included)."""
+    oids = "SELECT oid, datname FROM pg_database ORDER BY oid"
+    before = pgutil.execute(pg, "postgres", oids)
+    plan = plain.plan(repo)
+    assert list(plan.chosen) == list(plain.STORES)
+    redis = resources["redis"]
+    with pytest.raises(ConfirmationRequired,
+                       match="set milvus_confirm to 'ministry_images,ministry_text'"):
+        plain.restore_all(repo, plain_stores(resources), plan.chosen, production=True,
+                          confirm={"postgres": "kb_drill,ragqa",
+                                   "redis": f"{redis.host}:{redis.port}",
+                                   "minio": "documents,models"})
+    assert pgutil.execute(pg, "postgres", oids) == before  # no database was replaced
+    with pytest.raises(InvalidRequest, match=r"no connection given for store\(s\) \['milvus'\]"):
+        plain.restore_all(repo, plain_stores(resources)[:3], plan.chosen)
+    with pytest.raises(InvalidRequest, match=r"unknown store\(s\) \['mongo'\]"):
+        plain.plan(repo, ["postgres", "mongo"])
+    with pytest.raises(InvalidRequest, match="point_in_time 'yesterday' is not an ISO 8601"):
+        plain.plan(repo, [], "yesterday")
+
+
+def test_scratch_removal_verbs_refuse_what_is_not_scratch(pg, s3, resources, repo):
+    server = resources["postgres"].server()
+    for name in ("postgres", "template1", ""):
+        with pytest.raises(InvalidRequest, match="refusing to drop database"):
+            pg_engine.drop_database(server, name)
+    assert "postgres" in pgutil.databases(pg)
+    assert pg_engine.drop_database(server, "no_such_scratch_db") is False
+    assert milvus_engine.drop_collections(resources["milvus"].server(),
+                                          ["no_such_scratch_collection"]) == []
+    endpoint, holder = resources["minio"].s3(), "recovery-holder"
+    s3.create_bucket(Bucket=holder)
+    for n in range(3):
+        s3.put_object(Bucket=holder, Key=f"rag-backup/k{n}", Body=b"x")
+    on_s3 = BackupRepository(S3Backend(endpoint.client(), holder, prefix="rag-backup"))
+    with pytest.raises(InvalidRequest, match="'recovery-holder' holds the backup repository"):
+        minio_engine.remove_bucket(endpoint, holder, repo=on_s3)
+    assert s3.list_objects_v2(Bucket=holder)["KeyCount"] == 3
+    assert minio_engine.remove_bucket(endpoint, holder, repo=repo) is True
+    assert holder not in buckets(s3)
+    assert minio_engine.remove_bucket(endpoint, holder, repo=repo) is False
 
 
 def drill(resources, instance, monkeypatch, rules_file: Path | None = None):
