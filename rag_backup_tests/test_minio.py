@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -41,6 +42,10 @@ from rag_backup.errors import (
 from rag_backup.repository import BackupRepository, S3Backend, Verification
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests.killing import kill_backup_while_writing
+
+# The engine's modules whose names tests patch (the package's ``restore`` is the function).
+minio_objects = importlib.import_module("rag_backup.engines.minio.objects")
+minio_restore = importlib.import_module("rag_backup.engines.minio.restore")
 
 STACK_SERVICES = ("postgres", "s3")  # the stores these tests need (see conftest)
 
@@ -189,6 +194,13 @@ def test_round_trip_in_place_and_into_a_new_bucket_keeps_bytes_and_metadata(
     assert outcome.bytes == sum(v[1] for v in before.values())
     assert outcome.fingerprint["buckets"][bucket] == {"objects": 7, "bytes": outcome.bytes}
     assert outcome.objects_copied == 7 and outcome.objects_reused == 0
+    # The typed fingerprint reads back exactly the dict the manifest records.
+    recorded = repo.get("minio", TODAY).manifest.fingerprint
+    typed = engine.MinioFingerprint.from_dict(recorded)
+    assert typed.to_dict() == recorded == outcome.fingerprint
+    assert (typed.objects, typed.bytes, typed.objects_copied, typed.objects_reused,
+            typed.incremental_from) == (7, outcome.bytes, 7, 0, None)
+    assert typed.buckets[bucket] == engine.BucketCounts(7, outcome.bytes)
 
     empty_bucket(client, bucket)
     record = repo.resolve("minio", "latest")
@@ -442,7 +454,7 @@ def test_a_server_that_does_not_report_the_tag_count_gets_every_objects_tags_rea
     caught by the first tagged download: no GetObjectTagging is ever skipped."""
     bucket = new_bucket()
     tags = fill_every_third_tagged(client, bucket)
-    monkeypatch.setattr(engine, "TAG_COUNT_HEADER", "x-not-sent-by-this-server")
+    monkeypatch.setattr(minio_objects, "TAG_COUNT_HEADER", "x-not-sent-by-this-server")
     outcome = take(repo, s3, [bucket])
     assert outcome.fingerprint["transfer"]["tag_reads_saved"] == 0
     recorded = {e.key: e.tags for e in engine.read_snapshot(repo, repo.get("minio", TODAY),
@@ -506,13 +518,13 @@ def test_a_difference_left_after_the_restore_fails_it_unless_accepted(
     take(repo, s3, [bucket])
     record = repo.get("minio", TODAY)
     scratch = new_bucket(create=False)
-    compare = engine._compare
+    compare = minio_restore._compare
 
     def with_a_concurrent_writer(*args, **kwargs):
         client.delete_object_tagging(Bucket=scratch, Key="tagged/several.pdf")
         return compare(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_compare", with_a_concurrent_writer)
+    monkeypatch.setattr(minio_restore, "_compare", with_a_concurrent_writer)
     with pytest.raises(engine.RestoreDiffers,
                        match=rf"{scratch}/tagged/several.pdf: tag owner is None.*"
                              "accept_differences") as refused:
@@ -565,6 +577,9 @@ def test_a_version_1_snapshot_restores_with_tags_reported_not_run(
             Tagging=f"n={i}")
     write_version_1_snapshot(client, repo, bucket, YESTERDAY)
     record = repo.get("minio", YESTERDAY)
+    first_release = engine.fingerprint_of(record)  # no transfer, no incremental_from
+    assert (first_release.objects, first_release.transfer, first_release.bucket_names) == (
+        4, None, [bucket])
     engine.verify(repo, record)
     assert {e.tags for e in engine.read_snapshot(repo, record, bucket)} == {None}
 
@@ -738,14 +753,14 @@ def test_a_blob_damaged_after_the_preflight_stops_the_copy_and_says_how_far_it_g
         put(client, bucket, f"doc/{i}", f"document {i}".encode(), "text/plain")
     take(repo, s3, [bucket])
     record = repo.get("minio", TODAY)
-    preflight = engine._preflight
+    preflight = minio_restore._preflight
 
     def then_damaged(*args, **kwargs):
         checked = preflight(*args, **kwargs)
         damage(repo_dir, repo, bucket, [], ["doc/5"])
         return checked
 
-    monkeypatch.setattr(engine, "_preflight", then_damaged)
+    monkeypatch.setattr(minio_restore, "_preflight", then_damaged)
     target = new_bucket(create=False)
     with pytest.raises(engine.RestoreAborted) as stopped:
         engine.restore(repo, record, s3, target_bucket=target, workers=1)
@@ -1096,7 +1111,7 @@ def test_the_restore_job_reports_the_comparison_and_refuses_a_difference_unless_
     assert meta["preflight_s"] >= 0
     assert clean.output_for_node("restore_minio")["preflight"]["blobs_checked"] == 5
 
-    compare = engine._compare
+    compare = minio_restore._compare
 
     def with_a_concurrent_writer(*args, **kwargs):
         client.copy_object(Bucket=scratch, Key="untagged.txt", CopySource={
@@ -1104,7 +1119,7 @@ def test_the_restore_job_reports_the_comparison_and_refuses_a_difference_unless_
             ContentType="text/plain", Metadata={"added": "by someone else"})
         return compare(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_compare", with_a_concurrent_writer)
+    monkeypatch.setattr(minio_restore, "_compare", with_a_concurrent_writer)
     refused = run_job()
     assert not refused.success
     error = str(refused.failure_data_for_node("restore_minio").error)

@@ -23,6 +23,7 @@ from rag_backup.repository import (
     StaleWrite,
     Verification,
 )
+from rag_backup.repository.blobs import TMP_PREFIX as BLOB_TMP_PREFIX
 from rag_backup.repository.manifest import utcnow
 from rag_backup.repository.retention import ensure_within_window
 
@@ -166,12 +167,9 @@ def retention_settings(context: dg.AssetExecutionContext, config: RetentionConfi
 
 
 def temporary_prefixes(store: str) -> tuple[str, ...]:
-    """Repository areas outside the store's partitions where its engine writes temporaries."""
-    if store == "minio":
-        from rag_backup.engines.minio import TMP_PREFIX
-
-        return (TMP_PREFIX,)
-    return ()
+    """Repository areas outside the store's partitions where its backups write temporaries: the
+    blob store's, for MinIO."""
+    return (BLOB_TMP_PREFIX,) if store == "minio" else ()
 
 
 def collect_stale(repo: BackupRepository, store: str, *, older_than: timedelta,

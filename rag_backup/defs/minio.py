@@ -15,7 +15,7 @@ from rag_backup.defs.common import (
     retry_when_unreachable,
     verify_and_record,
 )
-from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS, TIMEZONE
+from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, MinioResource
 from rag_backup.engines import minio as engine
 from rag_backup.errors import InvalidRequest
@@ -41,13 +41,19 @@ def minio_backup(context: dg.AssetExecutionContext, repository: BackupRepository
     restorable, deleted and overwritten objects included."""
     def take(pending):
         return engine.backup(minio.s3(), pending, minio.bucket_list(), window=RETENTION,
-                             gc_grace=minio.gc_grace, workers=minio.workers, tz=TIMEZONE,
+                             gc_grace=minio.gc_grace, workers=minio.workers,
                              log=context.log.info)
 
-    return commit_backup(context, repository.open(), STORE, RETENTION, take, lambda o: {
-        "objects": o.objects, "bytes": o.bytes, "objects_copied": o.objects_copied,
-        "objects_reused": o.objects_reused, "bytes_copied": o.bytes_copied,
-        "objects_vanished": o.objects_vanished, "buckets": len(o.buckets)})
+    return commit_backup(context, repository.open(), STORE, RETENTION, take, plotted_counts)
+
+
+def plotted_counts(outcome: engine.BackupOutcome) -> dict[str, int]:
+    """What the UI plots for a MinIO backup: its fingerprint's counts, and the objects deleted
+    while it ran."""
+    fp = engine.fingerprint_of(outcome)
+    return {"objects": fp.objects, "bytes": fp.bytes, "objects_copied": fp.objects_copied,
+            "objects_reused": fp.objects_reused, "bytes_copied": fp.bytes_copied,
+            "objects_vanished": outcome.objects_vanished, "buckets": len(fp.buckets)}
 
 
 class MinioVerifyConfig(dg.Config):

@@ -1,4 +1,5 @@
-"""Where backups live: backends, manifests, atomic commit, listing, deletion, retention."""
+"""Where backups live: backends, manifests, atomic commit, listing, deletion, retention, and the
+content-addressed blob store."""
 
 from rag_backup.repository.backends import (
     Backend,
@@ -6,6 +7,16 @@ from rag_backup.repository.backends import (
     IncompleteUpload,
     S3Backend,
     backend_from_url,
+)
+from rag_backup.repository.blobs import (
+    BLOB_PREFIX,
+    TMP_PREFIX,
+    BlobCollection,
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    blob_key,
+    blob_sha,
 )
 from rag_backup.repository.manifest import (
     Artifact,
@@ -28,7 +39,8 @@ from rag_backup.repository.repository import (
 from rag_backup.repository.retention import RetentionDecision, plan_retention
 
 __all__ = [
-    "DEFAULT_STALE_AGE", "LATEST", "Artifact", "Backend", "BackupOutcome", "BackupRecord",
+    "BLOB_PREFIX", "TMP_PREFIX", "BlobCollection", "BlobInfo", "BlobStore", "BlobWriter",
+    "blob_key", "blob_sha", "DEFAULT_STALE_AGE", "LATEST", "Artifact", "Backend", "BackupOutcome", "BackupRecord",
     "BackupRepository", "DamagedRecord", "FilesystemBackend", "IncompleteUpload", "Manifest",
     "PendingBackup", "PendingMarker", "RepositoryListing", "RetentionDecision", "S3Backend",
     "StaleWrite", "Tombstone", "Verification", "backend_from_url", "plan_retention",

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import BinaryIO
 
 from rag_backup.errors import (
@@ -43,11 +44,13 @@ from rag_backup.errors import (
     IntegrityError,
     InvalidRequest,
 )
-from rag_backup.repository.backends import TMP_MARKER, Backend, cleanup_after, safe_key
+from rag_backup.repository.backends import TMP_MARKER, Backend, S3Backend, cleanup_after, safe_key
+from rag_backup.repository.blobs import BLOB_PREFIX, BlobStore, blob_key  # noqa: F401 - re-export
 from rag_backup.repository.manifest import (
     Artifact,
     BackupOutcome,
     Manifest,
+    PartitionWindow,
     PendingMarker,
     Tombstone,
     Verification,
@@ -57,7 +60,6 @@ from rag_backup.repository.retention import (
     RetentionCandidate,
     RetentionDecision,
     damaged_decision,
-    partition_start,
     plan_retention,
 )
 
@@ -73,18 +75,8 @@ LATEST = "latest"
 DEFAULT_STALE_AGE = timedelta(hours=12)
 
 BACKUP_ID_TIME = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{8}")
-# Content-addressed blobs (MinIO object copies), shared by every backup: named by their sha256.
-BLOB_PREFIX = "objectstore/blobs"
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 log = logging.getLogger(__name__)
-
-
-def blob_key(sha256: str) -> str:
-    """``objectstore/blobs/<aa>/<sha256>``; only ever built from a validated hex digest."""
-    if not SHA256_HEX.fullmatch(sha256 or ""):
-        raise IntegrityError(f"{sha256!r} is not a sha256 hex digest")
-    return f"{BLOB_PREFIX}/{sha256[:2]}/{sha256}"
 
 
 def backup_id_time(key: str) -> datetime | None:
@@ -204,6 +196,7 @@ class PendingBackup:
     artifacts: list[Artifact] = field(default_factory=list)
     base_digest: str | None = None  # sha256 of the manifest when this backup began (None: none)
     base_backup_id: str | None = None  # the backup that manifest committed (None: none/damaged)
+    window: PartitionWindow | None = None  # the partition's window, from Dagster (None: unknown)
     committed: bool = False
 
     @property
@@ -266,6 +259,7 @@ class PendingBackup:
             run_id=self.run_id, started_at=self.started_at, ended_at=utcnow(),
             tool_versions=outcome.tool_versions, server_version=outcome.server_version,
             fingerprint=outcome.fingerprint, artifacts=tuple(self.artifacts),
+            partition_window=self.window,
         )
         backend = self.repo.backend
         why = self._changed_since_begin()
@@ -303,11 +297,26 @@ class BackupRepository:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.blobs = BlobStore(backend)  # content-addressed blobs, shared by every backup
+
+    @property
+    def s3_bucket(self) -> str | None:
+        """The S3 bucket holding this repository (``None`` on a filesystem): no store's backup
+        may read it as a source nor restore into it."""
+        return self.backend.bucket if isinstance(self.backend, S3Backend) else None
+
+    @property
+    def root_location(self) -> str:
+        """Where the repository is, for messages (a path or an ``s3://`` URL)."""
+        return self.backend.location("")
 
     # -- writing -------------------------------------------------------------------------
     @contextmanager
-    def begin(self, store: str, partition_key: str, run_id: str) -> Iterator[PendingBackup]:
+    def begin(self, store: str, partition_key: str, run_id: str, *,
+              window: PartitionWindow | None = None) -> Iterator[PendingBackup]:
         """Start a backup; if the block raises, its artifacts are removed and nothing commits.
+        ``window`` is the partition's time window as Dagster knows it; the manifest records it
+        (without one, readers fall back to reading the key: ``Manifest.window``).
 
         The block must call ``commit`` on the pending backup; leaving it without committing is
         treated as an abort. An in-progress marker (run id, start, the backup it replaces) lies
@@ -324,7 +333,7 @@ class BackupRepository:
             except DamagedBackup:
                 base_id = None  # replacing a damaged manifest: its files are left to retention
         pending = PendingBackup(self, store, partition_key, run_id, backup_id,
-                                base_digest=_digest(raw), base_backup_id=base_id)
+                                base_digest=_digest(raw), base_backup_id=base_id, window=window)
         self.backend.write_bytes(pending.marker_key, PendingMarker(
             backup_id, run_id, pending.started_at, socket.gethostname(), os.getpid(),
             base_id).to_json())
@@ -405,21 +414,25 @@ class BackupRepository:
 
     def apply_retention(self, store: str, *, now: datetime, window: timedelta,
                         keep_newest_verified: int = 1, dry_run: bool = False,
-                        tz: str = "UTC", delete_damaged_past_window: bool = False
-                        ) -> list[RetentionDecision]:
+                        damaged_start: Callable[[str], datetime | None] | None = None,
+                        delete_damaged_past_window: bool = False) -> list[RetentionDecision]:
         """Plan retention over every healthy backup of ``store`` and, unless ``dry_run``,
-        delete. DAMAGED partitions get a decision too (``damaged=True``): kept and reported for
-        an operator, or, with ``delete_damaged_past_window``, removed once past the window."""
+        delete. A backup's age counts from the start of its partition's window, as its manifest
+        records it. DAMAGED partitions get a decision too (``damaged=True``): kept and reported
+        for an operator, or, with ``delete_damaged_past_window``, removed once past the window;
+        their manifest cannot say when they start, so ``damaged_start`` (the caller's partitions
+        definition) does: a partition it gives no start (or without it) is kept."""
         listing = self.scan(store)
         decisions = plan_retention(
-            [RetentionCandidate(r.partition_key, r.backup_id, partition_start(r.partition_key, tz),
+            [RetentionCandidate(r.partition_key, r.backup_id, r.manifest.window.start,
                                 r.verified) for r in listing.backups],
             now=now, window=window, keep_newest_verified=keep_newest_verified)
         for d in decisions:
             if d.delete and not dry_run:
                 self.delete(store, d.partition_key, f"retention: {d.reason}")
         for damage in listing.damaged:
-            decision = damaged_decision(damage, now=now, window=window, tz=tz,
+            start = damaged_start(damage.partition_key) if damaged_start is not None else None
+            decision = damaged_decision(damage, now=now, window=window, start=start,
                                         delete_past_window=delete_damaged_past_window)
             if decision.delete and not dry_run:
                 self._remove(store, damage.partition_key, decision.backup_id,
@@ -629,18 +642,22 @@ class BackupRepository:
 
     # -- content-addressed blobs ----------------------------------------------------------
     def open_blob(self, sha256: str) -> BinaryIO:
-        """A stream of the blob named ``sha256`` (``FileNotFoundError`` if there is none). The
-        bytes are not checked here: the reader hashes them against the name."""
-        return self.backend.open_read(blob_key(sha256))
+        """``blobs.open``: a stream of the blob named ``sha256`` (unchecked)."""
+        return self.blobs.open(sha256)
 
     def blob_location(self, sha256: str) -> str:
-        """Where the blob ``sha256`` is, for messages (a path or an ``s3://`` URL)."""
-        return self.backend.location(blob_key(sha256))
+        """``blobs.location``: where the blob ``sha256`` is, for messages."""
+        return self.blobs.location(sha256)
 
     # -- artifacts -----------------------------------------------------------------------
     def open_artifact(self, record: BackupRecord, artifact: Artifact) -> BinaryIO:
-        m = record.manifest
-        return self.backend.open_read(f"{m.store}/{m.partition_key}/{m.backup_id}/{artifact.path}")
+        return self.backend.open_read(_artifact_key(record, artifact))
+
+    def local_artifact_path(self, record: BackupRecord, artifact: Artifact) -> Path | None:
+        """The artifact's file when the backend is a local filesystem (as stored: unchecked),
+        else None (read it with ``stream_artifact``)."""
+        local = getattr(self.backend, "local_path", None)
+        return None if local is None else local(_artifact_key(record, artifact))
 
     def open_checked(self, record: BackupRecord, artifact: Artifact) -> CheckedReader:
         """A reader of the artifact that hashes what it reads; its ``finish`` checks the whole
@@ -664,6 +681,11 @@ class BackupRepository:
                 if sink is not None:
                     sink(chunk)
             reader.finish()
+
+
+def _artifact_key(record: BackupRecord, artifact: Artifact) -> str:
+    m = record.manifest
+    return f"{m.store}/{m.partition_key}/{m.backup_id}/{artifact.path}"
 
 
 class CheckedReader:
