@@ -30,6 +30,7 @@ from rag_backup.defs.resources import BackupRepositoryResource, MilvusResource
 from rag_backup.engines import milvus as engine
 from rag_backup.errors import (
     ConfirmationRequired,
+    DamagedBackup,
     IntegrityError,
     InvalidRequest,
     StoreUnreachable,
@@ -287,6 +288,13 @@ def test_backup_streams_every_collection_into_rolling_parquet_files(
     directory, outcome, record = shared
     fp = outcome.fingerprint["collections"]
     assert fp[big]["rows"] == fp[big]["rows_before"] == fp[big]["rows_after"] == BIG_ROWS
+    typed = engine.fingerprint_of(record)
+    assert typed.to_dict() == outcome.fingerprint == record.manifest.fingerprint
+    assert typed == engine.fingerprint_of(outcome) and typed.consistent
+    assert typed.collections[big].partitions == dict(BIG_COUNTS)
+    artifact = record.manifest.artifacts[0]
+    assert BackupRepository(FilesystemBackend(directory)).local_artifact_path(
+        record, artifact) == Path(record.location) / artifact.path
     assert outcome.fingerprint["consistent"] and outcome.server_version == "v2.3.5-lite"
     assert outcome.fingerprint["rows"] == BIG_ROWS + 400 + 3000
     assert fp[big]["partitions"] == dict(BIG_COUNTS)
@@ -449,7 +457,8 @@ def test_an_s3_repository_takes_and_verifies_the_same_backup(stack_env, ms, auto
     repo = BackupRepository(S3Backend(s3, bucket, prefix="rag-backup"))
     outcome, record = take_backup(repo, ms, [auto], rows_per_file=1000, batch_rows=500)
     assert record.location.startswith(f"s3://{bucket}/") and record.verified
-    assert len(outcome.collections[auto]["files"]) == 4  # 2 partitions x 1,500 rows / 1,000
+    assert len(outcome.collections[auto].files) == 4  # 2 partitions x 1,500 rows / 1,000
+    assert repo.local_artifact_path(record, record.manifest.artifacts[0]) is None
     assert engine.verify(repo, record)["rows"] == 3000
 
 
@@ -480,6 +489,16 @@ def test_a_description_that_cannot_be_recreated_fails_offline():
               "indexes": [{**desc["indexes"][0], "field_name": "gone"}]}
     with pytest.raises(IntegrityError, match="without a dim; index 'v' on unknown field"):
         engine.build_schema(broken)
+
+
+def test_a_fingerprint_that_is_not_a_milvus_backups_is_named_damaged(repo):
+    with repo.begin("milvus", "2026-11-20", "t") as pending:
+        pending.commit(BackupOutcome({"collections": {"c": {"rows": 3}}}, {}, "v2.3.5-lite"))
+    record = repo.get("milvus", "2026-11-20")
+    with pytest.raises(DamagedBackup, match="milvus backup 2026-11-20 .*fingerprint"):
+        engine.fingerprint_of(record)
+    with pytest.raises(DamagedBackup):
+        engine.verify(repo, record)
 
 
 def free_port() -> int:

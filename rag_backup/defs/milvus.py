@@ -45,22 +45,21 @@ def milvus_backup(context: dg.AssetExecutionContext, repository: BackupRepositor
         return taken[-1]
 
     def counts(outcome: engine.BackupOutcome) -> dict[str, int]:
-        fp = outcome.fingerprint
-        return {"rows": fp["rows"], "rows_before": fp["rows_before"],
-                "rows_after": fp["rows_after"], "collections": len(fp["collections"]),
-                "parquet_files": sum(len(c["files"]) for c in fp["collections"].values()),
-                **{f"rows_{name}": c["rows"] for name, c in fp["collections"].items()}}
+        fp = engine.fingerprint_of(outcome)
+        return {"rows": fp.rows, "rows_before": fp.rows_before, "rows_after": fp.rows_after,
+                "collections": len(fp.collections), "parquet_files": fp.parquet_files,
+                **{f"rows_{name}": c.rows for name, c in fp.collections.items()}}
 
     result = commit_backup(context, repository.open(), STORE, RETENTION, take, counts)
-    collections = taken[-1].collections
+    fp = engine.fingerprint_of(taken[-1])
     return dg.MaterializeResult(metadata={
         **result.metadata,
-        "consistent": dg.MetadataValue.bool(taken[-1].fingerprint["consistent"]),
+        "consistent": dg.MetadataValue.bool(fp.consistent),
         "collection_table": dg.MetadataValue.md(
             "| collection | partitions | rows before | rows written | rows after | files |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(
-                f"| {name} | {len(c['partitions'])} | {c['rows_before']} | {c['rows']} | "
-                f"{c['rows_after']} | {len(c['files'])} |" for name, c in collections.items())),
+                f"| {name} | {len(c.partitions)} | {c.rows_before} | {c.rows} | "
+                f"{c.rows_after} | {len(c.files)} |" for name, c in fp.collections.items())),
     })
 
 
@@ -135,7 +134,7 @@ def restore_milvus(context: dg.OpExecutionContext, config: RestoreMilvusConfig,
     """Restore collections of a Milvus backup, then compare with its manifest."""
     repo = repository.open()
     record = repo.resolve(STORE, config.partition_key, require_verified=not config.allow_unverified)
-    targets = restore_targets(config, sorted(record.manifest.fingerprint["collections"]),
+    targets = restore_targets(config, sorted(engine.fingerprint_of(record).collections),
                               record.partition_key)
     context.log.info(f"restoring from backup {record.backup_id} (partition "
                      f"{record.partition_key}): {targets}")
