@@ -156,8 +156,8 @@ def replay_comparison(report: redis_engine.ReplayReport) -> Comparison:
 
 def placed_comparison(record: BackupRecord, placed: redis_engine.PlaceReport) -> Comparison:
     comparison = Comparison()
-    comparison.check("rdb", f"RDB {placed.path}", "keys", record.manifest.fingerprint["keys"],
-                     placed.keys)
+    expected = redis_engine.fingerprint_of(record).keys
+    comparison.check("rdb", f"RDB {placed.path}", "keys", expected, placed.keys)
     return comparison
 
 
@@ -198,7 +198,7 @@ class PostgresRecovery:
     databases: Sequence[str] | None = None
 
     def targets(self, record: BackupRecord, into: Into) -> dict[str, str]:
-        available = sorted(record.manifest.fingerprint["databases"])
+        available = sorted(pg_engine.fingerprint_of(record).databases)
         chosen = list(self.databases or available)
         unknown = sorted(set(chosen) - set(available))
         if unknown:
@@ -353,7 +353,7 @@ class MilvusRecovery:
     def targets(self, record: BackupRecord, into: Into) -> dict[str, str]:
         return {name: name if isinstance(into, Production)
                 else f"{name[:180]}_{into.label}_{into.stamp}"
-                for name in sorted(record.manifest.fingerprint["collections"])}
+                for name in sorted(milvus_engine.fingerprint_of(record).collections)}
 
     def check_confirmation(self, record: BackupRecord, into: Into) -> None:
         targets = self.targets(record, into)
