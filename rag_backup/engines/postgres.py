@@ -32,7 +32,6 @@ from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
-    DamagedBackup,
     IntegrityError,
     InvalidRequest,
     RagBackupError,
@@ -204,15 +203,7 @@ def fingerprint_of(source: BackupRecord | repository.Manifest | repository.Backu
                    ) -> PostgresFingerprint:
     """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome;
     an invalid one raises ``DamagedBackup`` naming the backup."""
-    manifest = source.manifest if isinstance(source, BackupRecord) else source
-    try:
-        return PostgresFingerprint.from_dict(manifest.fingerprint)
-    except (ValueError, TypeError, AttributeError) as exc:
-        where = (f"the manifest of postgres backup {manifest.partition_key} "
-                 f"({manifest.backup_id})" if isinstance(manifest, repository.Manifest)
-                 else "a postgres backup's outcome")
-        raise DamagedBackup(f"{where} has an invalid fingerprint: {exc}", file=where,
-                            error=str(exc)) from exc
+    return repository.typed_fingerprint(source, STORE, PostgresFingerprint.from_dict)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
-    DamagedBackup,
     IntegrityError,
     InvalidRequest,
     StoreUnreachable,
@@ -167,14 +166,7 @@ def fingerprint_of(source: BackupRecord | repository.Manifest | repository.Backu
                    ) -> RedisFingerprint:
     """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome;
     an invalid one raises ``DamagedBackup`` naming the backup."""
-    manifest = source.manifest if isinstance(source, BackupRecord) else source
-    try:
-        return RedisFingerprint.from_dict(manifest.fingerprint)
-    except (ValueError, TypeError, AttributeError) as exc:
-        where = (f"the manifest of redis backup {manifest.partition_key} ({manifest.backup_id})"
-                 if isinstance(manifest, repository.Manifest) else "a redis backup's outcome")
-        raise DamagedBackup(f"{where} has an invalid fingerprint: {exc}", file=where,
-                            error=str(exc)) from exc
+    return repository.typed_fingerprint(source, STORE, RedisFingerprint.from_dict)
 
 
 @dataclass(frozen=True)

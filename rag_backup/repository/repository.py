@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from rag_backup.errors import (
     BackupExpired,
@@ -138,6 +138,25 @@ class BackupRecord:
     @property
     def verified(self) -> bool:
         return self.damage is None and self.verification is not None and self.verification.ok
+
+
+F = TypeVar("F")
+
+
+def typed_fingerprint(source: BackupRecord | Manifest | BackupOutcome, store: str,
+                      from_dict: Callable[[dict[str, Any]], F]) -> F:
+    """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome, read
+    by the store engine's ``from_dict``; an invalid one raises ``DamagedBackup`` naming the
+    backup (every engine's ``fingerprint_of`` is this)."""
+    manifest = source.manifest if isinstance(source, BackupRecord) else source
+    try:
+        return from_dict(manifest.fingerprint)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        where = (f"the manifest of {store} backup {manifest.partition_key} ({manifest.backup_id})"
+                 if isinstance(manifest, Manifest) else f"a {store} backup's outcome")
+        error = f"{type(exc).__name__}: {exc}"
+        raise DamagedBackup(f"{where} has an invalid fingerprint: {error}", file=where,
+                            error=error) from exc
 
 
 @dataclass(frozen=True)

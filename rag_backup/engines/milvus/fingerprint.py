@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rag_backup import repository
-from rag_backup.errors import DamagedBackup
+from rag_backup.engines.milvus.common import STORE
 from rag_backup.repository import BackupRecord
 
 
@@ -96,12 +96,7 @@ class MilvusFingerprint:
 def fingerprint_of(source: BackupRecord | repository.Manifest | repository.BackupOutcome
                    ) -> MilvusFingerprint:
     """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome;
-    an unreadable one raises ``DamagedBackup`` naming the backup."""
-    manifest = source.manifest if isinstance(source, BackupRecord) else source
-    try:
-        return MilvusFingerprint.from_dict(manifest.fingerprint)
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        where = (f"milvus backup {manifest.partition_key} ({manifest.backup_id})"
-                 if isinstance(manifest, repository.Manifest) else "a milvus backup's outcome")
-        raise DamagedBackup(f"{where}: the fingerprint is not a Milvus backup's: "
-                            f"{type(exc).__name__}: {exc}", file=where, error=str(exc)) from exc
+    an invalid one raises ``DamagedBackup`` naming the backup."""
+    return repository.typed_fingerprint(source, STORE, MilvusFingerprint.from_dict)
+
+

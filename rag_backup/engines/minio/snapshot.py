@@ -36,7 +36,7 @@ import zstandard
 from rag_backup.engines.minio.client import check_bucket_name
 from rag_backup.engines.minio.common import CHUNK, STORE
 from rag_backup import repository
-from rag_backup.errors import DamagedBackup, IntegrityError
+from rag_backup.errors import IntegrityError
 from rag_backup.repository import BackupRecord, BackupRepository, PendingBackup
 from rag_backup.repository.manifest import Artifact
 
@@ -290,11 +290,6 @@ def fingerprint_of(source: BackupRecord | repository.Manifest | repository.Backu
                    ) -> MinioFingerprint:
     """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome;
     an invalid one raises ``DamagedBackup`` naming the backup."""
-    manifest = source.manifest if isinstance(source, BackupRecord) else source
-    try:
-        return MinioFingerprint.from_dict(manifest.fingerprint)
-    except ValueError as exc:
-        where = (f"the manifest of {STORE} backup {manifest.partition_key} ({manifest.backup_id})"
-                 if isinstance(manifest, repository.Manifest) else f"a {STORE} backup's outcome")
-        raise DamagedBackup(f"{where} has an invalid fingerprint: {exc}", file=where,
-                            error=str(exc)) from exc
+    return repository.typed_fingerprint(source, STORE, MinioFingerprint.from_dict)
+
+
