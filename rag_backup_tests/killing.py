@@ -35,7 +35,9 @@ def kill_backup_while_writing(*, store: str, repo_dir: Path, partition: str, ser
                              env={**os.environ, "PW": password})
     directory = repo_dir / store / partition
     deadline = time.monotonic() + timeout_s
-    while not any(".tmp-" in p.name for p in directory.rglob("*")):
+    # an artifact being written: a temporary name inside the backup's own directory (not the
+    # in-progress marker, whose write also goes through a temporary name)
+    while not any(".tmp-" in p.name and p.parent != directory for p in directory.rglob("*")):
         assert child.poll() is None, "the backup finished before it could be killed"
         assert time.monotonic() < deadline, "the backup never started writing"
         time.sleep(0.01)

@@ -39,8 +39,9 @@ from rag_backup.errors import (
     InvalidRequest,
     StoreUnreachable,
 )
-from rag_backup.repository import BackupRepository, S3Backend, Verification
+from rag_backup.repository import BackupRepository, S3Backend
 from rag_backup.repository.manifest import utcnow
+from rag_backup_tests.conftest import take_backup as committed
 from rag_backup_tests.killing import kill_backup_while_writing
 
 # The engine's modules whose names tests patch (the package's ``restore`` is the function).
@@ -162,14 +163,10 @@ def fill_varied(client, bucket: str) -> None:
 
 def take(repo: BackupRepository, s3: engine.S3Endpoint, buckets: list[str],
          partition: str = TODAY, verify: bool = True, **kwargs) -> engine.BackupOutcome:
-    with repo.begin("minio", partition, "test") as pending:
-        outcome = engine.backup(s3, pending, buckets, window=WINDOW, **kwargs)
-        pending.commit(outcome)
-    if verify:
-        record = repo.get("minio", partition)
-        checks = engine.verify(repo, record)
-        repo.record_verification("minio", partition,
-                                 Verification(record.backup_id, True, utcnow(), "t", checks))
+    outcome, _ = committed(
+        repo, "minio", partition,
+        lambda pending: engine.backup(s3, pending, buckets, window=WINDOW, **kwargs),
+        (lambda record: engine.verify(repo, record)) if verify else None)
     return outcome
 
 
