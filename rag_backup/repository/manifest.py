@@ -32,6 +32,24 @@ def _aware(value: Any, name: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+def record_json(record: Any, time_field: str) -> bytes:
+    """A dataclass record as the repository's JSON, its ``time_field`` as an ISO timestamp."""
+    doc = asdict(record)
+    doc[time_field] = _ts(getattr(record, time_field))
+    return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode()
+
+
+def record_fields(data: bytes, what: str, where: str, time_field: str) -> dict[str, Any]:
+    """A record's fields from its JSON, ``time_field`` parsed; ``DamagedBackup`` naming
+    ``where`` when it cannot be read."""
+    doc = load_record(data, what, where)
+    try:
+        doc[time_field] = _aware(doc[time_field], time_field)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise damaged(what, where, exc) from exc
+    return doc
+
+
 def load_record(data: bytes, what: str, where: str) -> dict[str, Any]:
     """Parse one JSON record of the repository; an unreadable one raises ``DamagedBackup``
     naming the file and the parse error."""
@@ -202,16 +220,13 @@ class Verification:
     error: str | None = None
 
     def to_json(self) -> bytes:
-        doc = asdict(self)
-        doc["verified_at"] = _ts(self.verified_at)
-        return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode()
+        return record_json(self, "verified_at")
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "verification record") -> Verification:
         """Parse a verification record; raises ``DamagedBackup`` naming ``where``."""
-        doc = load_record(data, "verification record", where)
+        doc = record_fields(data, "verification record", where, "verified_at")
         try:
-            doc["verified_at"] = _aware(doc["verified_at"], "verified_at")
             record = cls(**doc)
             if not isinstance(record.backup_id, str) or not isinstance(record.ok, bool):
                 raise ValueError(f"backup_id {record.backup_id!r} / ok {record.ok!r} invalid")
@@ -232,18 +247,15 @@ class Tombstone:
     reason: str
 
     def to_json(self) -> bytes:
-        doc = asdict(self)
-        doc["deleted_at"] = _ts(self.deleted_at)
-        return json.dumps(doc, indent=2, sort_keys=True).encode()
+        return record_json(self, "deleted_at")
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "tombstone") -> Tombstone:
         """Parse a tombstone; raises ``DamagedBackup`` naming ``where``."""
-        doc = load_record(data, "tombstone", where)
+        doc = record_fields(data, "tombstone", where, "deleted_at")
         try:
-            doc["deleted_at"] = _aware(doc["deleted_at"], "deleted_at")
             return cls(**doc)
-        except (ValueError, KeyError, TypeError) as exc:
+        except TypeError as exc:
             raise damaged("tombstone", where, exc) from exc
 
 
@@ -260,15 +272,12 @@ class PendingMarker:
     replaces: str | None = None
 
     def to_json(self) -> bytes:
-        doc = asdict(self)
-        doc["started_at"] = _ts(self.started_at)
-        return json.dumps(doc, indent=2, sort_keys=True).encode()
+        return record_json(self, "started_at")
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "in-progress marker") -> PendingMarker:
-        doc = load_record(data, "in-progress marker", where)
+        doc = record_fields(data, "in-progress marker", where, "started_at")
         try:
-            doc["started_at"] = _aware(doc["started_at"], "started_at")
             return cls(**doc)
-        except (ValueError, KeyError, TypeError) as exc:
+        except TypeError as exc:
             raise damaged("in-progress marker", where, exc) from exc
