@@ -192,10 +192,7 @@ class PostgresFingerprint:
             raise ValueError(f"globals_include_role_passwords is {passwords!r}, not a boolean")
         found = cls({name: DatabaseFingerprint.from_dict(fp, name)
                      for name, fp in doc["databases"].items()}, passwords)
-        for total in ("tables", "rows"):
-            if total in doc and doc[total] != getattr(found, total):
-                raise ValueError(f"total {total} {doc[total]!r} is not the sum over its "
-                                 f"databases ({getattr(found, total)})")
+        repository.check_totals(doc, found, ("tables", "rows"), "databases")
         return found
 
 

@@ -35,6 +35,7 @@ from rag_backup.repository.repository import (
     PendingBackup,
     RepositoryListing,
     StaleWrite,
+    check_totals,
     typed_fingerprint,
 )
 from rag_backup.repository.retention import RetentionDecision, plan_retention
@@ -45,5 +46,5 @@ __all__ = [
     "BackupRepository", "DamagedRecord", "FilesystemBackend", "IncompleteUpload", "Manifest",
     "PendingBackup", "PendingMarker", "RepositoryListing", "RetentionDecision", "S3Backend",
     "StaleWrite", "Tombstone", "Verification", "backend_from_url", "plan_retention",
-    "typed_fingerprint",
+    "check_totals", "typed_fingerprint",
 ]

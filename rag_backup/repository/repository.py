@@ -143,6 +143,15 @@ class BackupRecord:
 F = TypeVar("F")
 
 
+def check_totals(doc: dict[str, Any], found: Any, totals: tuple[str, ...], over: str) -> None:
+    """A fingerprint's stored totals must equal what its parts add up to (``found``, the typed
+    fingerprint read from ``doc``); ``ValueError`` naming the first that does not."""
+    for total in totals:
+        if total in doc and doc[total] != getattr(found, total):
+            raise ValueError(f"total {total} {doc[total]!r} is not the sum over its {over} "
+                             f"({getattr(found, total)!r})")
+
+
 def typed_fingerprint(source: BackupRecord | Manifest | BackupOutcome, store: str,
                       from_dict: Callable[[dict[str, Any]], F]) -> F:
     """The typed fingerprint of a backup (its record or manifest) or of a backup's outcome, read

@@ -86,10 +86,8 @@ class MilvusFingerprint:
         found = cls(str(doc.get("database", "")),
                     {str(name): CollectionFingerprint.from_dict(c)
                      for name, c in doc["collections"].items()})
-        for total in ("rows", "rows_before", "rows_after", "consistent"):
-            if total in doc and doc[total] != getattr(found, total):
-                raise ValueError(f"{total} {doc[total]!r} is not the total over its "
-                                 f"collections ({getattr(found, total)!r})")
+        repository.check_totals(doc, found, ("rows", "rows_before", "rows_after", "consistent"),
+                                "collections")
         return found
 
 
