@@ -366,13 +366,18 @@ class _Scratch:
             self.conn.close()
 
 
+def _require_restored(data: RestoredData, store: str, name: str, handle: Any) -> None:
+    """The rule cannot run when its store was not restored (``handle`` is its connection)."""
+    if store in data.not_restored or handle is None:
+        why = data.not_restored.get(store, "not part of this restore")
+        raise _NotRun(f"{name} was not restored ({why})")
+
+
 def _milvus_ids_in_column(rule: MilvusIdsInColumn, data: RestoredData,
                           result: RuleResult) -> None:
     ref = rule.ref
     database = _restored_database(ref, data)
-    if "milvus" in data.not_restored or data.milvus is None:
-        why = data.not_restored.get("milvus", "not part of this restore")
-        raise _NotRun(f"Milvus was not restored ({why})")
+    _require_restored(data, "milvus", "Milvus", data.milvus)
     chosen: dict[str, str] = {}
     for pattern in rule.collections:
         matched = {s: t for s, t in data.collections.items() if fnmatchcase(s, pattern)}
@@ -419,9 +424,7 @@ def _column_values_are_objects(rule: ColumnValuesAreObjects, data: RestoredData,
                                result: RuleResult) -> None:
     ref = rule.ref
     database = _restored_database(ref, data)
-    if "minio" in data.not_restored or data.s3 is None:
-        why = data.not_restored.get("minio", "not part of this restore")
-        raise _NotRun(f"MinIO was not restored ({why})")
+    _require_restored(data, "minio", "MinIO", data.s3)
     if rule.bucket is not None and rule.bucket not in data.buckets:
         raise _NotRun(f"bucket {rule.bucket!r} is not in the restored MinIO backup (it has "
                       f"{', '.join(sorted(data.buckets)) or 'none'})")
