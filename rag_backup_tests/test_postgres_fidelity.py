@@ -22,8 +22,9 @@ from rag_backup.defs import postgres as pg_defs
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.devstack import DevStack
 from rag_backup.devstack.postgres_server import scram_sha256_verifier
-from rag_backup.engines import pg_catalog, pg_roles
 from rag_backup.engines import postgres as engine
+from rag_backup.engines.postgres import archive as pg_catalog
+from rag_backup.engines.postgres import roles as pg_roles
 from rag_backup.errors import IntegrityError, InvalidRequest, ToolError
 from rag_backup.repository import BackupRepository, FilesystemBackend, Verification
 from rag_backup.repository.manifest import utcnow

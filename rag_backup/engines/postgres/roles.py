@@ -12,18 +12,21 @@ connecting user or the bootstrap superuser.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from psycopg2 import sql
 
-from rag_backup.engines.pg_catalog import Cursor, Unparsed, statement_text, statements
+from rag_backup.engines.postgres.common import GLOBALS_ARTIFACT, Log
+from rag_backup.engines.postgres.sqltext import (
+    Cursor,
+    Unparsed,
+    statement_text,
+    statements,
+)
 from rag_backup.engines.zstream import decompress_artifact
 from rag_backup.errors import IntegrityError, RagBackupError
 from rag_backup.repository import BackupRecord, BackupRepository
 
-Log = Callable[[str], None]
-GLOBALS_ARTIFACT = "globals.sql.zst"
 ATTRIBUTES = {"SUPERUSER", "NOSUPERUSER", "INHERIT", "NOINHERIT", "CREATEROLE", "NOCREATEROLE",
               "CREATEDB", "NOCREATEDB", "LOGIN", "NOLOGIN", "REPLICATION", "NOREPLICATION",
               "BYPASSRLS", "NOBYPASSRLS"}
