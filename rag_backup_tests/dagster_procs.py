@@ -21,6 +21,20 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.sys.executable).parent
 
+# GraphQL the UI sends: launch a run, read its status.
+LAUNCH = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+RUN_STATUS = """
+query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:

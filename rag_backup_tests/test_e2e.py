@@ -9,7 +9,7 @@ from datetime import timedelta
 from rag_backup.repository import BackupRepository, FilesystemBackend
 from rag_backup.repository.manifest import utcnow
 from rag_backup_tests import pgutil
-from rag_backup_tests.dagster_procs import DagsterUI, dagster_ui
+from rag_backup_tests.dagster_procs import LAUNCH, RUN_STATUS, DagsterUI, dagster_ui
 
 BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
@@ -27,18 +27,6 @@ query($id: String!) {
     ... on Runs { results { runId status tags { key value } } }
   }
 }"""
-LAUNCH = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
-RUN_STATUS = """
-query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }
-"""
 PARTITION_STATUS = """
 query($key: AssetKeyInput!) {
   assetNodeOrError(assetKey: $key) {

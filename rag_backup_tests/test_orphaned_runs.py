@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rag_backup_tests.dagster_procs import PROJECT, DagsterUI, dagster_ui
+from rag_backup_tests.dagster_procs import LAUNCH, PROJECT, RUN_STATUS, DagsterUI, dagster_ui
 from rag_backup_tests.receivers import webhook_server
 
 STACK_SERVICES = ("postgres",)
@@ -91,18 +91,6 @@ defs = dg.Definitions(jobs=[{job}], sensors=[run_failure_alert_sensor],
                       resources={{"alerts": default_resources()["alerts"]}})
 '''
 
-LAUNCH = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
-RUN_STATUS = """
-query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }
-"""
 SENSOR_TICKS = """
 query($selector: SensorSelector!) {
   sensorOrError(sensorSelector: $selector) {
