@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 from rag_backup.errors import BackupExpired, InvalidRequest
 from rag_backup.repository import DamagedRecord
+from rag_backup.repository.manifest import format1_window
 from rag_backup.repository.retention import (
     RetentionCandidate,
     damaged_decision,
     ensure_within_window,
-    partition_start,
     plan_retention,
 )
 
@@ -79,17 +79,12 @@ def test_keeping_zero_verified_backups_is_refused():
         plan_retention([], now=NOW, window=timedelta(days=1), keep_newest_verified=0)
 
 
-def test_partition_keys_parse_daily_and_hourly():
-    assert partition_start("2026-11-24") == datetime(2026, 11, 24, tzinfo=timezone.utc)
-    assert partition_start("2026-11-24-13:00") == datetime(2026, 11, 24, 13, tzinfo=timezone.utc)
+def test_format_1_partition_keys_parse_daily_and_hourly():
+    assert format1_window("2026-11-24").start == datetime(2026, 11, 24, tzinfo=timezone.utc)
+    assert format1_window("2026-11-24-13:00").start == datetime(2026, 11, 24, 13,
+                                                                tzinfo=timezone.utc)
     with pytest.raises(InvalidRequest, match="not a daily"):
-        partition_start("yesterday")
-
-
-def test_partition_start_keeps_reading_a_key_in_a_named_timezone():
-    # deprecated, kept for the MinIO engine until it reads manifest windows
-    assert partition_start("2026-11-24", "Europe/Berlin") == datetime(
-        2026, 11, 23, 23, tzinfo=timezone.utc)
+        format1_window("yesterday")
 
 
 def test_a_partition_outside_the_window_is_refused_with_the_reason():

@@ -153,19 +153,6 @@ class RetentionConfig(dg.Config):
                                    "Off: they are kept and reported for an operator.")
 
 
-def retention_settings(context: dg.AssetExecutionContext, config: RetentionConfig | None
-                       ) -> RetentionConfig:
-    """The retention asset's config: given, or read from the step's run config (assets that
-    pass only ``dry_run`` still get the other fields)."""
-    if config is not None:
-        return config
-    try:
-        raw = dict(context.op_execution_context.op_config or {})
-    except Exception:  # noqa: BLE001 - no config on this step: defaults
-        raw = {}
-    return RetentionConfig(**{k: v for k, v in raw.items() if k in RetentionConfig.model_fields})
-
-
 def temporary_prefixes(store: str) -> tuple[str, ...]:
     """Repository areas outside the store's partitions where its backups write temporaries: the
     blob store's, for MinIO."""
@@ -187,14 +174,13 @@ def collect_stale(repo: BackupRepository, store: str, *, older_than: timedelta,
 
 
 def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, store: str,
-                    window: timedelta, dry_run: bool,
-                    asset_keys: tuple[dg.AssetKey, ...],
-                    config: RetentionConfig | None = None) -> dg.MaterializeResult:
+                    window: timedelta, config: RetentionConfig,
+                    asset_keys: tuple[dg.AssetKey, ...]) -> dg.MaterializeResult:
     """Delete expired backups (never the newest verified one), wipe their partitions from the
     listed assets so the UI stops showing them as present, report DAMAGED backups (kept for an
     operator unless ``delete_damaged_past_window``), and collect what dead runs left behind
     (older than ``stale_after_hours``). Transient repository failures are retried."""
-    settings = retention_settings(context, config)
+    dry_run = config.dry_run
     partitions_def = context.assets_def.partitions_def
 
     def damaged_start(key: str):  # a damaged partition's manifest cannot say: Dagster does
@@ -204,9 +190,9 @@ def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, s
     with retry_when_unreachable():
         decisions = repo.apply_retention(
             store, now=utcnow(), window=window, dry_run=dry_run, damaged_start=damaged_start,
-            delete_damaged_past_window=settings.delete_damaged_past_window)
+            delete_damaged_past_window=config.delete_damaged_past_window)
         stale = collect_stale(repo, store, dry_run=dry_run,
-                              older_than=timedelta(hours=settings.stale_after_hours))
+                              older_than=timedelta(hours=config.stale_after_hours))
     deleted = [d for d in decisions if d.delete]
     damaged = [d for d in decisions if d.damaged]
     for d in decisions:

@@ -82,8 +82,8 @@ def milvus_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
                      repository: BackupRepositoryResource) -> dg.MaterializeResult:
     """Deletes Milvus backups older than 7 days, never the newest verified one, and takes
     their partitions out of the UI."""
-    return apply_retention(context, repository.open(), STORE, RETENTION, config.dry_run,
-                           (milvus_backup.key, milvus_backup_verified.key), config=config)
+    return apply_retention(context, repository.open(), STORE, RETENTION, config,
+                           (milvus_backup.key, milvus_backup_verified.key))
 
 
 class RestoreMilvusConfig(dg.Config):

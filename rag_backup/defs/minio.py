@@ -95,8 +95,8 @@ def minio_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
     period (`gc_grace_hours`, longer than any backup), so a backup running at the same time
     loses nothing."""
     repo = repository.open()
-    result = apply_retention(context, repo, STORE, RETENTION, config.dry_run,
-                             (minio_backup.key, minio_backup_verified.key), config=config)
+    result = apply_retention(context, repo, STORE, RETENTION, config,
+                             (minio_backup.key, minio_backup_verified.key))
     with retry_when_unreachable():
         gc = engine.collect_garbage(repo, grace=minio.gc_grace, now=utcnow(),
                                     dry_run=config.dry_run, log=context.log.info)

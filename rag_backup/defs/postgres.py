@@ -66,8 +66,8 @@ def postgres_retention(context: dg.AssetExecutionContext, config: RetentionConfi
                        repository: BackupRepositoryResource) -> dg.MaterializeResult:
     """Deletes PostgreSQL backups older than 30 days, never the newest verified one, and
     wipes their partitions so the UI no longer shows them as present."""
-    return apply_retention(context, repository.open(), STORE, RETENTION, config.dry_run,
-                           (postgres_backup.key, postgres_backup_verified.key), config=config)
+    return apply_retention(context, repository.open(), STORE, RETENTION, config,
+                           (postgres_backup.key, postgres_backup_verified.key))
 
 
 class RestorePostgresConfig(dg.Config):

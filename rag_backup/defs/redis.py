@@ -69,8 +69,8 @@ def redis_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
                     repository: BackupRepositoryResource) -> dg.MaterializeResult:
     """Deletes Redis backups older than one day, never the newest verified one, and takes
     their partitions out of the UI."""
-    return apply_retention(context, repository.open(), STORE, RETENTION, config.dry_run,
-                           (redis_backup.key, redis_backup_verified.key), config=config)
+    return apply_retention(context, repository.open(), STORE, RETENTION, config,
+                           (redis_backup.key, redis_backup_verified.key))
 
 
 class RestoreRedisConfig(dg.Config):

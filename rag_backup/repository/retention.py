@@ -4,25 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from rag_backup.errors import InvalidRequest
-from rag_backup.repository.manifest import format1_window
-
-
-def partition_start(partition_key: str, tz: str = "UTC") -> datetime:
-    """DEPRECATED: parses the key back into time with a time-zone string. Use the window the
-    manifest records (``record.manifest.window.start``) for a committed backup, and Dagster's
-    ``partitions_def.time_window_for_partition_key(key).start`` (in ``defs/``, passed down as a
-    datetime) for a partition without one. Kept, with this signature, until the MinIO engine
-    stops calling it.
-
-    The start of a daily (``2026-11-24``) or hourly (``2026-11-24-13:00``) partition whose
-    key is written in timezone ``tz``."""
-    zone = timezone.utc if tz == "UTC" else ZoneInfo(tz)
-    return format1_window(partition_key).start.replace(tzinfo=zone)
 
 
 @dataclass(frozen=True)
