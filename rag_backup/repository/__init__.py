@@ -39,6 +39,7 @@ from rag_backup.repository.repository import (
     typed_fingerprint,
 )
 from rag_backup.repository.retention import RetentionDecision, plan_retention
+from rag_backup.repository.wal import WAL_ROOT, WalSegment, WalStore
 
 __all__ = [
     "BLOB_PREFIX", "TMP_PREFIX", "BlobCollection", "BlobInfo", "BlobStore", "BlobWriter",
@@ -46,5 +47,5 @@ __all__ = [
     "BackupRepository", "DamagedRecord", "FilesystemBackend", "IncompleteUpload", "Manifest",
     "PendingBackup", "PendingMarker", "RepositoryListing", "RetentionDecision", "S3Backend",
     "StaleWrite", "Tombstone", "Verification", "backend_from_url", "plan_retention",
-    "check_totals", "typed_fingerprint",
+    "check_totals", "typed_fingerprint", "WAL_ROOT", "WalSegment", "WalStore",
 ]

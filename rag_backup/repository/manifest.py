@@ -139,6 +139,9 @@ class Manifest:
     artifacts: tuple[Artifact, ...]
     partition_window: PartitionWindow | None = None  # as recorded (None: format 1, or no Dagster)
     format_version: int = FORMAT_VERSION
+    # Where the data came from when it is not the live source at backup time (PostgreSQL: a
+    # point-in-time recovery to the partition's end); absent in older manifests.
+    recovery_point: dict[str, Any] | None = None
 
     @property
     def window(self) -> PartitionWindow:
@@ -193,6 +196,8 @@ class Manifest:
                 tool_versions=dict(doc["tool_versions"]), server_version=doc["server_version"],
                 fingerprint=dict(doc["fingerprint"]), artifacts=artifacts,
                 partition_window=window, format_version=version,
+                recovery_point=dict(doc["recovery_point"]) if doc.get("recovery_point")
+                else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise damaged("manifest", where, exc) from exc
@@ -206,6 +211,8 @@ class BackupOutcome:
     fingerprint: dict[str, Any]
     tool_versions: dict[str, str]
     server_version: str
+    # See ``Manifest.recovery_point``; keyword-only, so engines' outcomes may add fields.
+    recovery_point: dict[str, Any] | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

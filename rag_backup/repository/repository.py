@@ -56,6 +56,7 @@ from rag_backup.repository.manifest import (
     Verification,
     utcnow,
 )
+from rag_backup.repository.wal import WalStore
 from rag_backup.repository.retention import (
     RetentionCandidate,
     RetentionDecision,
@@ -287,7 +288,7 @@ class PendingBackup:
             run_id=self.run_id, started_at=self.started_at, ended_at=utcnow(),
             tool_versions=outcome.tool_versions, server_version=outcome.server_version,
             fingerprint=outcome.fingerprint, artifacts=tuple(self.artifacts),
-            partition_window=self.window,
+            partition_window=self.window, recovery_point=outcome.recovery_point,
         )
         backend = self.repo.backend
         why = self._changed_since_begin()
@@ -326,6 +327,7 @@ class BackupRepository:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.blobs = BlobStore(backend)  # content-addressed blobs, shared by every backup
+        self.wal = WalStore(backend)  # PostgreSQL's archived write-ahead log
 
     @property
     def s3_bucket(self) -> str | None:
