@@ -1,0 +1,37 @@
+"""The ``RAG_*`` environment, read without Dagster: the repository and the PostgreSQL server,
+for the long-running services and command-line tools (the Dagster resources read the same
+variables)."""
+
+from __future__ import annotations
+
+import os
+
+from rag_backup.engines.postgres import PostgresServer
+from rag_backup.errors import InvalidRequest
+from rag_backup.repository import BackupRepository, backend_from_url
+
+
+def required(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise InvalidRequest(f"the environment variable {name} is not set")
+    return value
+
+
+def repository_from_env() -> BackupRepository:
+    """``RAG_BACKUP_REPOSITORY`` (a directory or ``s3://bucket/prefix``, with ``RAG_S3_*``)."""
+    return BackupRepository(backend_from_url(
+        required("RAG_BACKUP_REPOSITORY"), s3_endpoint=os.environ.get("RAG_S3_ENDPOINT"),
+        s3_access_key=os.environ.get("RAG_S3_ACCESS_KEY"),
+        s3_secret_key=os.environ.get("RAG_S3_SECRET_KEY"),
+        s3_region=os.environ.get("RAG_S3_REGION") or "us-east-1"))
+
+
+def postgres_from_env() -> PostgresServer:
+    """``RAG_PG_HOST``, ``RAG_PG_PORT``, ``RAG_PG_USER``, ``RAG_PG_PASSWORD``."""
+    port = os.environ.get("RAG_PG_PORT") or "5432"
+    if not port.isdigit():
+        raise InvalidRequest(f"RAG_PG_PORT is {port!r}, not a port number")
+    return PostgresServer(required("RAG_PG_HOST"), int(port), required("RAG_PG_USER"),
+                          os.environ.get("RAG_PG_PASSWORD", ""),
+                          bin_dir=os.environ.get("RAG_PG_BIN_DIR") or None)
