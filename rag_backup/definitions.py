@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from rag_backup.defs import automation, milvus, minio, postgres, recovery, redis
+from rag_backup.defs import automation, milvus, minio, pitr, postgres, recovery, redis
 from rag_backup.defs.resources import default_resources
 
 STORES = [postgres, redis, milvus, minio]
@@ -11,5 +11,6 @@ defs = dg.Definitions.merge(
     *(store.defs for store in STORES),
     automation.build_defs([store.POLICY for store in STORES]),
     recovery.defs,
+    pitr.defs,
     dg.Definitions(resources=default_resources()),
 )

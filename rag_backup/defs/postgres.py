@@ -1,5 +1,6 @@
 """PostgreSQL: daily backup, its verification, retention, and the restore job."""
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -14,10 +15,12 @@ from rag_backup.defs.common import (
     comparison_metadata,
     verify_and_record,
 )
-from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
+from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS, context_window
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.engines import postgres as engine
+from rag_backup.engines.postgres.pitr import backfill
 from rag_backup.repository import LATEST
+from rag_backup.repository.manifest import utcnow
 
 STORE = engine.STORE
 RETENTION = timedelta(days=30)
@@ -32,13 +35,32 @@ def postgres_backup(context: dg.AssetExecutionContext, repository: BackupReposit
                     postgres: PostgresResource) -> dg.MaterializeResult:
     """Daily `pg_dump -Fc` of every configured database (one exported snapshot per database,
     exact row counts read in that snapshot) plus roles and tablespaces, compressed with zstd and
-    committed atomically to the backup repository."""
-    def take(pending):
-        return engine.backup(postgres.server(), pending, databases=postgres.database_list(),
-                             timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
-                             log=context.log.info)
+    committed atomically to the backup repository. A backfill (the partition's day is over)
+    is dumped from a point-in-time recovery to the end of that day when the WAL archive reaches
+    it, so it holds that day's data; otherwise from the live server. The manifest's
+    `recovery_point` says which."""
+    repo = repository.open()
+    chosen, point = backfill.choose_source(repo, context_window(context).end, utcnow())
+    context.log.info(f"dump source: {point['source']}"
+                     + (f" ({point['why']})" if "why" in point else
+                        f", recovered to {point.get('target_time')}"))
 
-    return commit_backup(context, repository.open(), STORE, RETENTION, take, counts)
+    def take(pending):
+        if chosen is not None:
+            return backfill.backup_at(repo, chosen, postgres.server(), pending, point,
+                                      databases=postgres.database_list(),
+                                      timeout_s=postgres.timeout_s,
+                                      zstd_level=postgres.zstd_level, log=context.log.info)
+        outcome = engine.backup(postgres.server(), pending, databases=postgres.database_list(),
+                                timeout_s=postgres.timeout_s, zstd_level=postgres.zstd_level,
+                                log=context.log.info)
+        return dataclasses.replace(outcome, recovery_point=point)
+
+    result = commit_backup(context, repo, STORE, RETENTION, take, counts)
+    metadata = dict(result.metadata or {})
+    metadata["dump_source"] = dg.MetadataValue.text(point["source"])
+    metadata["recovery_point"] = dg.MetadataValue.json(point)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def counts(outcome: engine.BackupOutcome) -> dict[str, int]:
