@@ -224,6 +224,9 @@ class PostgresService(Service):
             "log_line_prefix = '%m [%p] %q%u@%d '\n"
             "log_timezone = 'UTC'\n"
             "timezone = 'UTC'\n"
+            "# The WAL receiver streams through a replication slot (wal_level replica is the\n"
+            "# default); a slot whose receiver is away may hold this much WAL, no more.\n"
+            "max_slot_wal_keep_size = '2GB'\n"
         )
         write_private(self.data_dir / "devstack.conf", text, owner=self._owner())
 

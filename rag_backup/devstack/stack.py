@@ -25,6 +25,7 @@ from rag_backup.devstack.procs import (
 )
 from rag_backup.devstack.redis_server import RedisService
 from rag_backup.devstack.s3_server import S3Service
+from rag_backup.devstack.wal_receiver import WalReceiverService
 from rag_backup.devstack.state import (
     SECRET_NAMES,
     StackState,
@@ -33,13 +34,15 @@ from rag_backup.devstack.state import (
     stack_lock,
 )
 
-SERVICE_NAMES = ("postgres", "redis", "s3", "milvus")
+SERVICE_NAMES = ("postgres", "redis", "s3", "milvus", "walreceiver")
 SERVICE_CLASSES: dict[str, type[Service]] = {
     "postgres": PostgresService,
     "redis": RedisService,
     "s3": S3Service,
     "milvus": MilvusService,
+    "walreceiver": WalReceiverService,
 }
+SEEDED_SERVICES = ("postgres", "redis", "s3", "milvus")  # the stores; the receiver has no seed
 START_ATTEMPTS = 3  # a new set of ports each time the server could not bind
 REUSE_PROBE_TIMEOUT_S = 20.0
 
@@ -163,18 +166,25 @@ class DevStack:
 
             def bring_up(svc: Service) -> None:
                 outcomes[svc.name] = self._ensure_running(svc, state)
-                if seed and not state.seeded.get(svc.name):
+                if seed and not state.seeded.get(svc.name) and svc.name in SEEDED_SERVICES:
                     self._seed_one(svc, state)
 
-            with ThreadPoolExecutor(
-                max_workers=len(services), thread_name_prefix="devstack-up"
-            ) as pool:
-                futures = [pool.submit(bring_up, svc) for svc in services.values()]
-                for future in futures:
-                    try:
-                        future.result()
-                    except BaseException as exc:  # noqa: BLE001 - collected, re-raised below
-                        errors.append(exc)
+            # Services that need another one (the WAL receiver needs PostgreSQL) start after
+            # the others answer.
+            first = [s for s in services.values() if not getattr(s, "depends_on", ())]
+            then = [s for s in services.values() if getattr(s, "depends_on", ())]
+            for wave in (first, then):
+                if not wave or errors:
+                    continue
+                with ThreadPoolExecutor(
+                    max_workers=len(wave), thread_name_prefix="devstack-up"
+                ) as pool:
+                    futures = [pool.submit(bring_up, svc) for svc in wave]
+                    for future in futures:
+                        try:
+                            future.result()
+                        except BaseException as exc:  # noqa: BLE001 - collected, re-raised
+                            errors.append(exc)
             if errors:
                 started = [n for n, outcome in outcomes.items() if outcome == "started"]
                 self._stop(state, started)
@@ -279,11 +289,16 @@ class DevStack:
         ]
         if not names:
             return []
-        with ThreadPoolExecutor(
-            max_workers=len(names), thread_name_prefix="devstack-down"
-        ) as pool:
-            for future in [pool.submit(self._stop_one, name, state) for name in names]:
-                future.result()
+        # What depends on another service stops first (the receiver before PostgreSQL).
+        dependents = [n for n in names if getattr(SERVICE_CLASSES[n], "depends_on", ())]
+        for wave in (dependents, [n for n in names if n not in dependents]):
+            if not wave:
+                continue
+            with ThreadPoolExecutor(
+                max_workers=len(wave), thread_name_prefix="devstack-down"
+            ) as pool:
+                for future in [pool.submit(self._stop_one, name, state) for name in wave]:
+                    future.result()
         return names
 
     def _stop_one(self, name: str, state: StackState) -> None:
