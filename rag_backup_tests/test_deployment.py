@@ -79,7 +79,7 @@ KNOWN_DEFAULT_SECRETS = {"minioadmin", "milvus", "password", "postgres", "change
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN")
 # Standard variables that libraries honour (a private CA for TLS to MinIO/S3), not settings of
 # rag_backup: unset by default; docs/deployment.md says how to add them when needed.
-PLATFORM_VARIABLES = {"SSL_CERT_FILE", "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE"}
+PLATFORM_VARIABLES = {"SSL_CERT_FILE", "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "PATH"}
 
 
 # -- reading the files ---------------------------------------------------------------------
@@ -529,7 +529,11 @@ def test_dagster_storage_is_its_own_postgresql_not_the_one_backed_up(compose, co
     store_volumes = {m.split(":")[0] for m in services["postgres"]["volumes"]}
     assert volumes & store_volumes == set() and "dagster-postgres-data" in volumes
     assert not [k for k in service_env(compose, "postgres") if k.startswith("DAGSTER_")]
-    assert not any("initdb" in m for m in services["postgres"]["volumes"])
+    # Dagster's init scripts (its role and database) never run on the backed-up server; the
+    # server's own (replication for the WAL receiver) create nothing of Dagster's.
+    assert not any(m.startswith("./docker/postgres/initdb") for m in services["postgres"]["volumes"])
+    service_init = ROOT / "docker" / "postgres" / "service-initdb"
+    assert "DAGSTER" not in "".join(p.read_text() for p in service_init.iterdir())
 
 
 def test_drill_rules_file_is_an_optional_mounted_file(compose, docker_instance_config):
@@ -1154,3 +1158,36 @@ def test_deployment_doc_covers_the_operator_steps_and_names_real_files():
         words = [w for w in rest.split() if not w.startswith("-")]
         named = words[:1] if command in ("exec", "run") else words
         assert set(named) <= services, f"docs/deployment.md: docker compose {command}{rest}"
+
+
+def test_the_wal_receiver_runs_beside_dagster_in_compose_and_helm(compose):
+    """Point-in-time recovery needs the WAL receiver running all the time: a compose service
+    and a Kubernetes Deployment (one replica: one replication slot), and a server configured
+    for it (replication allowed, the slot's WAL capped)."""
+    receiver = compose["services"]["wal-receiver"]
+    assert receiver["command"] == ["python", "-m", "rag_backup", "wal-receiver"]
+    assert receiver["restart"] == "unless-stopped"
+    assert receiver["depends_on"]["postgres"]["condition"] == "service_healthy"
+    env = service_env(compose, "wal-receiver")
+    for name in ("RAG_BACKUP_REPOSITORY", "RAG_PG_HOST", "RAG_PG_PASSWORD", "RAG_PG_WAL_DIR"):
+        assert name in env, name
+    spool = env["RAG_PG_WAL_DIR"]
+    assert any(m.endswith(f":{spool}") for m in receiver["volumes"]), "the spool survives"
+    assert "wal-status" in receiver["healthcheck"]["test"]
+    assert any("max_slot_wal_keep_size" in part for part in compose["services"]["postgres"]["command"])
+    hba = (ROOT / "docker" / "postgres" / "service-initdb" / "20-replication.sh").read_text()
+    assert "host replication" in hba
+
+    values = load_yaml(HELM_VALUES)
+    [deployment] = [m for m in values["extraManifests"] if m["kind"] == "Deployment"]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    [container] = spec["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "rag_backup", "wal-receiver"]
+    [code] = values["dagster-user-deployments"]["deployments"]
+    assert container["image"] == f"{code['image']['repository']}:{code['image']['tag']}"
+    k8s_env = {e["name"]: e for e in container["env"]}
+    assert k8s_env["RAG_PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "RAG_PG_PASSWORD"
+    claim = spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim in {m["metadata"]["name"] for m in values["extraManifests"]
+                     if m["kind"] == "PersistentVolumeClaim"}
