@@ -16,6 +16,7 @@ module reads config and resources, calls it and reports metadata.
   drill fails (as an observation of the asset).
 """
 
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -64,14 +65,21 @@ class RestoreAllConfig(dg.Config):
                                      "reported and <store>_matches_manifest is false); default: "
                                      "a difference fails the run.")
     dry_run: bool = Field(default=False, description="Only report the chosen backups.")
+    postgres_pitr: bool = Field(default=True, description="With a point_in_time: PostgreSQL "
+                                "lands on exactly that time by point-in-time recovery (base "
+                                "backup and WAL) when the archive reaches it; otherwise, or "
+                                "when false, its newest daily dump before it.")
 
 
 def store_recoveries(postgres: PostgresResource, redis: RedisResource, minio: MinioResource,
                      milvus: MilvusResource, *, databases: list[str] | None = None,
-                     scratch_dir: str | None = None) -> list[recovery.StoreRecovery]:
+                     scratch_dir: str | None = None, point: datetime | None = None
+                     ) -> list[recovery.StoreRecovery]:
     """The recovery table of a run: each store's engine connection and options, from its
-    resource (``scratch_dir`` None: Redis scratch restores replay into a private server)."""
-    return [recovery.PostgresRecovery(postgres.server(), postgres.timeout_s, databases or None),
+    resource (``scratch_dir`` None: Redis scratch restores replay into a private server;
+    ``point``: PostgreSQL by point-in-time recovery when the archive reaches it)."""
+    return [recovery.PostgresRecovery(postgres.server(), postgres.timeout_s, databases or None,
+                                      point),
             recovery.RedisRecovery(redis.server(), redis.timeout_s, scratch_dir),
             recovery.MinioRecovery(minio.s3(), minio.workers),
             recovery.MilvusRecovery(milvus.server(), milvus.batch_rows)]
@@ -119,7 +127,9 @@ def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
     results = recovery.restore_all(
         repo, store_recoveries(postgres, redis, minio, milvus,
                                databases=config.postgres_databases,
-                               scratch_dir=config.scratch_dir),
+                               scratch_dir=config.scratch_dir,
+                               point=plan.point if config.point_in_time and config.postgres_pitr
+                               else None),
         chosen, production=config.into_production,
         confirm={"postgres": config.postgres_confirm, "redis": config.redis_confirm,
                  "minio": config.minio_confirm, "milvus": config.milvus_confirm},

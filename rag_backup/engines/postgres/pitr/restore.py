@@ -291,7 +291,8 @@ class Into:
     target_names: dict[str, str] = field(default_factory=dict)  # databases: renames
     data_directory: Path | None = None  # in_place: the stopped server's data directory
     os_user: str | None = None  # the OS user the recovered server runs as
-    confirm: str = ""
+    confirm: str = ""  # in_place: the directory; databases: the existing databases replaced,
+    #                    comma-separated
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -348,6 +349,7 @@ class PitrReport:
     kept_aside: str | None = None
     databases: dict[str, str] = field(default_factory=dict)
     comparisons: dict[str, Comparison] = field(default_factory=dict)
+    rows: int = 0  # databases mode: the rows restored
 
     @property
     def matches(self) -> bool:
@@ -522,15 +524,17 @@ def _extract_databases(instance: PgInstance, credentials: PostgresServer, into: 
         record = private.get("postgres", "pitr")
         assert record is not None
         stamp = f"{datetime.now(timezone.utc):%Y%m%d_%H%M%S}"
+        confirmed = {name.strip() for name in into.confirm.split(",") if name.strip()}
         for database in into.databases:
             name = into.target_names.get(database) or f"{database[:40]}_pitr_{stamp}"
-            confirm = into.confirm if into.target_names.get(database) else ""
+            confirm = name if name in confirmed else ""
             restored = logical_restore(private, record, into.target_server,
                                        source_database=database, target_database=name,
                                        confirm=confirm, jobs=jobs, timeout_s=timeout_s,
                                        log=log)
             report.databases[database] = restored.target_database
             report.comparisons[database] = restored.comparison
+            report.rows += restored.rows
             log(f"database {database!r} at {report.reached_at} -> {restored.target_database!r}"
                 f" on {into.target_server.describe()}: {restored.rows} rows, "
                 f"{'matches' if restored.comparison.matches else 'DIFFERS'}")
