@@ -73,6 +73,16 @@ def run(
     return proc
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies (a long-running
+    child of a service killed with SIGKILL must not live on, holding what the service's next
+    start needs)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 @dataclass
 class StreamingProcess:
     """A child whose stdout and/or stdin we stream, killed by process group at its deadline.
@@ -87,6 +97,7 @@ class StreamingProcess:
     stdin: bool = False
     stdout: bool | IO[bytes] = True
     transient: Sequence[str] = ()  # stderr markers of a store that went away (retried)
+    die_with_parent: bool = False  # SIGTERM the child when our process dies (Linux)
     proc: subprocess.Popen[bytes] = field(init=False)
     timed_out: bool = field(init=False, default=False)
     _stderr: bytearray = field(init=False, default_factory=bytearray)
@@ -101,6 +112,7 @@ class StreamingProcess:
                 stderr=subprocess.PIPE,
                 env=child_env(self.env),
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         except FileNotFoundError as exc:
             raise ToolError(f"{self.what}: {self.argv[0]} is not installed or not on PATH") from exc

@@ -285,7 +285,7 @@ def restore_postgres_pitr(context: dg.OpExecutionContext, config: RestorePostgre
                      keep_running=config.keep_running, databases=tuple(config.databases),
                      target_server=server, target_names=dict(config.target_names),
                      data_directory=Path(config.data_directory) if config.data_directory
-                     else None, confirm=config.confirm)
+                     else None, confirm=config.confirm, slot=WAL_SLOT)
     into.check()
     chosen = pitr.plan(repo, target, allow_unverified=config.allow_unverified)
     context.log.info(f"plan: base backup {chosen.base.partition_key} ({chosen.base.backup_id}, "

@@ -331,7 +331,7 @@ class FilesystemBackend:
             shutil.rmtree(path, onerror=_ignore_missing)
 
     def location(self, key: str) -> str:
-        return str(self._path(key))
+        return str(self.root) if not key else str(self._path(key))
 
     def local_path(self, key: str) -> Path:
         return self._path(key)

@@ -161,19 +161,22 @@ def current_lag(repo: BackupRepository, server: PostgresServer, *,
     now = datetime.now(timezone.utc)
     status: ArchiveStatus | None = archive_status(repo)
     problems = []
-    server_lsn, slot_info = None, None
+    server_lsn, slot_info, timeline, answered = None, None, None, False
     try:
         conn = server.connect("postgres")
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_current_wal_flush_lsn()::text")
-                server_lsn = parse_lsn(cur.fetchone()[0])
+                cur.execute("SELECT pg_current_wal_flush_lsn()::text, ('x' || substr("
+                            "pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int")
+                position, timeline = cur.fetchone()
+                server_lsn = parse_lsn(position)
                 cur.execute("SELECT active, wal_status, safe_wal_size, pg_wal_lsn_diff("
                             "pg_current_wal_lsn(), restart_lsn)::bigint FROM "
                             "pg_replication_slots WHERE slot_name = %s", (slot,))
                 row = cur.fetchone()
         finally:
             conn.close()
+        answered = True
         if row is None:
             problems.append(f"the replication slot {slot!r} does not exist on "
                             f"{server.describe()}: no WAL receiver is set up")
@@ -193,10 +196,14 @@ def current_lag(repo: BackupRepository, server: PostgresServer, *,
     if status is None:
         problems.append(f"no WAL receiver has reported to {repo.wal.location()}")
         return Lag(None, _fmt(server_lsn), None, None, slot_info, tuple(problems))
-    seconds = status.lag_s(now, server_lsn)
+    if timeline is not None and status.timeline is not None and timeline != status.timeline:
+        problems.append(f"the server is on timeline {timeline}, the receiver last reported "
+                        f"timeline {status.timeline}: it has not caught up since the server "
+                        "changed timeline (restored in place, or promoted)")
+    seconds = status.lag_s(now, server_lsn, timeline)
     return Lag(None if seconds is None else round(seconds, 1), _fmt(server_lsn),
                _fmt(status.archived_lsn), round((now - status.updated_at).total_seconds(), 1),
-               slot_info or status.slot, tuple(problems))
+               slot_info if answered else status.slot, tuple(problems))
 
 
 def _fmt(lsn: int | None) -> str | None:

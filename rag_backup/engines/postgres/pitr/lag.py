@@ -1,5 +1,6 @@
 """``python -m rag_backup wal-status``: the archive's lag now, as JSON, for scripts and
-monitoring without Dagster (exit 1 past the threshold or when it cannot be measured)."""
+monitoring without Dagster (exit 1 past the threshold, when it cannot be measured, or when
+something threatens it: no slot, an inactive slot, a slot losing WAL, a timeline not followed)."""
 
 from __future__ import annotations
 
@@ -13,4 +14,5 @@ def print_status(max_lag_s: float) -> int:
 
     lag = current_lag(repository_from_env(), postgres_from_env())
     print(json.dumps(lag.to_dict(), indent=2, default=str))
-    return 0 if lag.seconds is not None and lag.seconds <= max_lag_s else 1
+    healthy = lag.seconds is not None and lag.seconds <= max_lag_s and not lag.problems
+    return 0 if healthy else 1

@@ -62,6 +62,7 @@ log = logging.getLogger("rag_backup.wal_receiver")
 SEGMENT_FILE = re.compile(r"^[0-9A-F]{24}$")
 HISTORY_FILE = re.compile(r"^[0-9A-F]{8}\.history$")
 MAX_BACKOFF_S = 30.0
+HEALTHY_AFTER_S = 60.0  # a pg_receivewal that ran this long resets the back-off
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ReceiverConfig:
 class _Observation:
     at: datetime
     lsn: int
+    timeline: int | None
 
 
 @dataclass
@@ -106,9 +108,12 @@ class WalReceiver:
     repo: BackupRepository
     config: ReceiverConfig
     seg_size: int = DEFAULT_SEGMENT_BYTES
-    archived_lsn: int | None = None
+    # The end of the archived WAL per timeline: after a point-in-time restore in place the
+    # server continues on a new timeline from an LSN below the old timeline's end.
+    ends: dict[int, int] = field(default_factory=dict)
     caught_up_at: datetime | None = None
     server_lsn: int | None = None
+    timeline: int | None = None  # the server's current timeline
     last_error: str | None = None
     _child: StreamingProcess | None = None
     _child_started: float = 0.0
@@ -151,14 +156,51 @@ class WalReceiver:
             conn.close()
         self.config.spool.mkdir(parents=True, exist_ok=True)
         index = WalIndex.read(self.repo)
-        ends = [index.end_lsn(s) for s in index.segments.values()]
-        self.archived_lsn = max(ends) if ends else None
+        for segment in index.segments.values():
+            self._archived(segment.timeline, index.end_lsn(segment))
+
+    @property
+    def archived_lsn(self) -> int | None:
+        """The end of the archived WAL on the server's current timeline."""
+        return self.ends.get(self.timeline) if self.timeline is not None else None
+
+    def _archived(self, timeline: int, end: int) -> None:
+        self.ends[timeline] = max(self.ends.get(timeline, 0), end)
+
+    def _ready_to_stream(self) -> None:
+        """Before each start of pg_receivewal: the slot exists (a server restored from a base
+        backup has none: slots are not copied), and the spool holds no unfinished segment of
+        another timeline (after a restore in place the server forked; pg_receivewal would
+        resume from the abandoned timeline and be refused for ever)."""
+        conn = self.server.connect("postgres")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                self.timeline = _server_timeline(cur)
+                cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                            (self.config.slot,))
+                if cur.fetchone() is None:
+                    cur.execute("SELECT pg_create_physical_replication_slot(%s, true)",
+                                (self.config.slot,))
+                    log.warning(f"the replication slot {self.config.slot!r} was missing on "
+                                f"{self.server.describe()} (a new or restored server): created "
+                                "it; WAL written before now was not streamed")
+        finally:
+            conn.close()
+        for name in os.listdir(self.config.spool):
+            if name.endswith(".partial") and int(name[:8], 16) != self.timeline:
+                (self.config.spool / name).unlink()
+                log.warning(f"removed {name} from the spool: the server is on timeline "
+                            f"{self.timeline} now (restored in place); that timeline's WAL "
+                            "is streamed from the slot")
 
     # -- pg_receivewal -------------------------------------------------------------------
     def _supervise(self) -> None:
         now = time.monotonic()
         child = self._child
         if child is not None and child.proc.poll() is None:
+            if now - self._child_started > HEALTHY_AFTER_S:
+                self._backoff_s = 1.0  # a later failure starts the back-off anew
             if now - self._child_started > self.config.run_limit_s:
                 log.info("restarting pg_receivewal (its run limit)")
                 child.proc.send_signal(signal.SIGTERM)
@@ -175,12 +217,14 @@ class WalReceiver:
             return
         if now < self._next_start:
             return
+        self._ready_to_stream()
         self._child = StreamingProcess(
             [self.server.tool("pg_receivewal"), f"--directory={self.config.spool}",
              f"--slot={self.config.slot}", "--no-loop", "--no-password",
              "--status-interval=1", f"--dbname={self.server.dsn('replication')}"],
             what=f"pg_receivewal from {self.server.describe()}",
-            timeout=self.config.run_limit_s + 300, env=self.server.env(), stdout=False)
+            timeout=self.config.run_limit_s + 300, env=self.server.env(), stdout=False,
+            die_with_parent=True)
         self._child_started = now
 
     # -- archiving -----------------------------------------------------------------------
@@ -205,8 +249,7 @@ class WalReceiver:
                     name, source, first_commit_at=times.first, last_commit_at=times.last,
                     commits=times.count, restore_points=times.restore_points)
             (spool / name).unlink()
-            end = (segno_of(name, self.seg_size) + 1) * self.seg_size
-            self.archived_lsn = max(self.archived_lsn or 0, end)
+            self._archived(int(name[:8], 16), (segno_of(name, self.seg_size) + 1) * self.seg_size)
             archived += new
             if new:
                 log.info(f"archived WAL segment {name} ({segment.stored_size} bytes stored, "
@@ -225,6 +268,7 @@ class WalReceiver:
                 cur.execute("SELECT CASE WHEN pg_is_in_recovery() THEN "
                             "pg_last_wal_receive_lsn() ELSE pg_current_wal_flush_lsn() END")
                 self.server_lsn = _lsn(cur.fetchone()[0])
+                self.timeline = _server_timeline(cur)
                 cur.execute("SELECT active, wal_status, safe_wal_size, "
                             "pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN "
                             "pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END, "
@@ -240,11 +284,15 @@ class WalReceiver:
             conn.close()
 
     def _track(self, now: datetime) -> None:
+        """Positions are compared on the server's current timeline only: observations of an
+        earlier timeline are dropped when it changes (they are not comparable)."""
         if self.server_lsn is None:
             return
         archived = self.archived_lsn or 0
+        if self._pending and self._pending[-1].timeline != self.timeline:
+            self._pending.clear()
         if not self._pending or self._pending[-1].lsn != self.server_lsn:
-            self._pending.append(_Observation(now, self.server_lsn))
+            self._pending.append(_Observation(now, self.server_lsn, self.timeline))
         while self._pending and self._pending[0].lsn <= archived:
             self.caught_up_at = self._pending.popleft().at
         if not self._pending:
@@ -276,6 +324,7 @@ class WalReceiver:
             "updated_at": datetime.now(timezone.utc).isoformat(),
             "server_lsn": format_lsn(self.server_lsn) if self.server_lsn is not None else None,
             "archived_lsn": format_lsn(self.archived_lsn) if self.archived_lsn else None,
+            "timeline": self.timeline,
             "caught_up_at": self.caught_up_at.isoformat() if self.caught_up_at else None,
             "receiver": f"{socket.gethostname()} pid {os.getpid()}",
             "server": self.server.describe(),
@@ -331,6 +380,14 @@ class WalReceiver:
         with contextlib.suppress(RagBackupError, OSError):
             self.archive_spool()
             self.repo.wal.write_status(self.status())
+
+
+def _server_timeline(cur) -> int:
+    """The timeline the server writes (a standby: the one it replays)."""
+    cur.execute("SELECT CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM "
+                "pg_control_checkpoint()) ELSE ('x' || substr(pg_walfile_name("
+                "pg_current_wal_lsn()), 1, 8))::bit(32)::int END")
+    return int(cur.fetchone()[0])
 
 
 def _lsn(text: str | None) -> int | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 import shutil
 import tempfile
 import time
@@ -232,7 +233,18 @@ def plan(repo: BackupRepository, target: PitrTarget, *, allow_unverified: bool =
         record, fp = on_path[-1] if target.latest else on_path[0]
     first = segno_of(fp.start_segment, index.seg_size)
     archived = [s for s in index.on_path(path) if segno_of(s.name, index.seg_size) >= first]
-    last, stop_expected = _last_needed(target, archived, index, fp)
+    try:
+        last, stop_expected = _last_needed(target, archived, index, fp)
+    except InvalidRequest:
+        if archived:  # a missing segment may hold the restore point: the gap is the news
+            newest = segno_of(archived[-1].name, index.seg_size)
+            missing = index.chain(first, newest, path)[1]
+            if missing:
+                raise InvalidRequest(
+                    f"cannot recover to {target.describe()}: it is in no archived segment, and "
+                    f"the WAL archive has a gap after base backup {record.partition_key}: "
+                    f"{', '.join(missing[:10])} missing; {span.describe()}") from None
+        raise
     segments, missing = index.chain(first, last, path)
     if missing:
         raise InvalidRequest(
@@ -291,6 +303,7 @@ class Into:
     target_names: dict[str, str] = field(default_factory=dict)  # databases: renames
     data_directory: Path | None = None  # in_place: the stopped server's data directory
     os_user: str | None = None  # the OS user the recovered server runs as
+    slot: str = "rag_backup"  # in_place: the WAL receiver's replication slot, created in it
     confirm: str = ""  # in_place: the directory; databases: the existing databases replaced,
     #                    comma-separated
 
@@ -423,13 +436,13 @@ def restore(repo: BackupRepository, chosen: PitrPlan, into: Into,
     into.check()
     began = time.monotonic()
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-    if into.mode == "in_place":
+    if into.mode == "in_place":  # beside the directory: the swap is a rename
         assert into.data_directory is not None
-        work = into.data_directory.parent / f".{into.data_directory.name}.pitr-{stamp}"
+        base, prefix = into.data_directory.parent, f".{into.data_directory.name}.pitr-{stamp}-"
     else:
-        base = into.work_dir or Path(tempfile.gettempdir())
-        work = base / f"rag-pitr-{stamp}"
-    work.mkdir(parents=True, exist_ok=False)
+        base, prefix = into.work_dir or Path(tempfile.gettempdir()), f"rag-pitr-{stamp}-"
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # unique, whoever runs at once
     data_dir, wal_dir = work / "data", work / "wal"
     log(f"recovering to {chosen.target.describe()} from base backup "
         f"{chosen.base.partition_key} with {len(chosen.segments)} WAL segment(s) in {work}")
@@ -464,7 +477,10 @@ def restore(repo: BackupRepository, chosen: PitrPlan, into: Into,
             finally:
                 instance.stop()
         else:
-            instance.stop()
+            try:
+                _continue_archiving(repo, instance, credentials, data_dir, into.slot, log)
+            finally:
+                instance.stop()
             report.kept_aside = _swap_in(data_dir, into.data_directory, stamp, log)
             report.data_directory = str(into.data_directory)
         report.duration_s = round(time.monotonic() - began, 3)
@@ -472,6 +488,28 @@ def restore(repo: BackupRepository, chosen: PitrPlan, into: Into,
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _continue_archiving(repo: BackupRepository, instance: PgInstance,
+                        credentials: PostgresServer, data_dir: Path, slot: str,
+                        log: Log) -> None:
+    """A cluster restored in place goes on writing WAL on its new timeline: its history file
+    goes into the archive now (so recovery plans follow the new timeline at once), and the
+    WAL receiver's slot is created in it before it is first stopped (slots are not in base
+    backups; without one the new timeline's first WAL would be lost)."""
+    for history in sorted((data_dir / "pg_wal").glob("*.history")):
+        repo.wal.put_history(history.name, history.read_bytes())
+    conn = private_server(instance, credentials).connect("postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            if cur.fetchone() is None:
+                cur.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+    finally:
+        conn.close()
+    log(f"the restored cluster keeps the WAL receiver's slot {slot!r}; its new timeline's "
+        "history is in the archive")
 
 
 def _owner_of(into: Into) -> str | None:
@@ -523,7 +561,7 @@ def _extract_databases(instance: PgInstance, credentials: PostgresServer, into: 
             pending.commit(outcome)
         record = private.get("postgres", "pitr")
         assert record is not None
-        stamp = f"{datetime.now(timezone.utc):%Y%m%d_%H%M%S}"
+        stamp = f"{datetime.now(timezone.utc):%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:4]}"
         confirmed = {name.strip() for name in into.confirm.split(",") if name.strip()}
         for database in into.databases:
             name = into.target_names.get(database) or f"{database[:40]}_pitr_{stamp}"

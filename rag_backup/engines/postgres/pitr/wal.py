@@ -241,15 +241,19 @@ class ArchiveStatus:
 
     updated_at: datetime
     server_lsn: int | None
-    archived_lsn: int | None
+    archived_lsn: int | None  # the archive's end on ``timeline``
     caught_up_at: datetime | None
     receiver: str
     slot: dict | None
+    timeline: int | None = None  # the server's timeline when the receiver looked
 
-    def lag_s(self, now: datetime | None = None, server_lsn: int | None = None) -> float | None:
-        """Seconds of WAL at risk now: 0 if the archive holds ``server_lsn`` (the server's
-        current position, if known), else the time since the archive last caught up."""
+    def lag_s(self, now: datetime | None = None, server_lsn: int | None = None,
+              timeline: int | None = None) -> float | None:
+        """Seconds of WAL at risk now: 0 if the archive holds ``server_lsn`` on ``timeline``
+        (the server's current position, if known), else the time since the archive last
+        caught up. Positions on different timelines are not comparable."""
         if server_lsn is not None and self.archived_lsn is not None \
+                and timeline is not None and timeline == self.timeline \
                 and self.archived_lsn >= server_lsn:
             return 0.0
         if self.caught_up_at is None:
@@ -270,7 +274,8 @@ def archive_status(repo: BackupRepository) -> ArchiveStatus | None:
             parse_lsn(doc["server_lsn"]) if doc.get("server_lsn") else None,
             parse_lsn(doc["archived_lsn"]) if doc.get("archived_lsn") else None,
             _aware(doc["caught_up_at"], "caught_up_at") if doc.get("caught_up_at") else None,
-            str(doc.get("receiver", "")), doc.get("slot"))
+            str(doc.get("receiver", "")), doc.get("slot"),
+            int(doc["timeline"]) if doc.get("timeline") is not None else None)
     except (KeyError, ValueError, InvalidRequest) as exc:
         raise DamagedBackup(f"the WAL archive status {where} is unreadable: {exc}",
                             file=where, error=str(exc)) from exc
