@@ -21,9 +21,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
+from rag_backup import recovery
+from rag_backup.defs import pitr as pitr_defs
+from rag_backup.defs import postgres as pg_defs
+from rag_backup.defs.resources import AlertResource, BackupRepositoryResource, PostgresResource
 from rag_backup.devstack import DevStack
+from rag_backup.engines import postgres as pg_engine
+from rag_backup.engines.postgres.pitr import backfill
 from rag_backup.engines.postgres import PostgresServer
 from rag_backup.engines.postgres.pitr import (
     BASE_STORE,
@@ -57,6 +64,8 @@ from rag_backup.repository import (
 from rag_backup.repository.manifest import utcnow
 from rag_backup.repository.wal import segment_key, segment_record_key
 from rag_backup_tests import pgutil
+from rag_backup_tests.conftest import take_backup
+from rag_backup_tests.receivers import webhook_server
 from rag_backup_tests.pitrutil import (
     Receiver,
     bench_state,
@@ -76,7 +85,8 @@ from rag_backup_tests.pitrutil import (
 )
 
 STACK_SERVICES = ("postgres",)  # the stores these tests need (see conftest)
-PARTITION = "2026-11-30"
+# The engine-level base backup's partition: never today's, which the Dagster test takes.
+PARTITION = "2026-01-01"
 RESTORE_POINT = "before_bad_migration"
 LATEST = PitrTarget.parse("latest")
 PROJECT = Path(__file__).resolve().parents[1]
@@ -429,6 +439,161 @@ def test_two_restores_started_together_into_one_work_dir(server, repo, history, 
     finally:
         for report in reports:
             stop_copy(report)
+
+
+# -- in Dagster ------------------------------------------------------------------------------
+
+def _resources(server: PostgresServer, repo_dir: Path, webhook: str = "") -> dict:
+    return {"repository": BackupRepositoryResource(location=str(repo_dir)),
+            "postgres": PostgresResource(host=server.host, port=server.port, user=server.user,
+                                         password=server.password, databases="bench"),
+            "alerts": AlertResource(webhook_url=webhook or None)}
+
+
+def test_the_assets_take_verify_and_retain_a_base_backup_and_check_an_hour(
+        server, repo, repo_dir, receiver, history):
+    """Today's base backup through Dagster (committed, verified with its WAL, retained), an
+    hour of WAL checked, the current hour refused (not over)."""
+    instance = dg.DagsterInstance.ephemeral()
+    today = pitr_defs.DAILY_PARTITIONS.get_partition_key_for_timestamp(time.time())
+    result = dg.materialize([pitr_defs.postgres_base_backup,
+                             pitr_defs.postgres_base_backup_verified,
+                             pitr_defs.postgres_pitr_retention], partition_key=today,
+                            resources=_resources(server, repo_dir), instance=instance)
+    assert result.success
+    events = {e.asset_key.path[-1]: e.materialization.metadata
+              for e in result.get_asset_materialization_events()}
+    assert events["postgres_base_backup"]["tar_bytes"].value > 10_000_000
+    assert events["postgres_base_backup_verified"]["manifest_files"].value > 100
+    assert events["postgres_pitr_retention"]["base_backups_kept"].value == 2
+    record = repo.get(BASE_STORE, today)
+    assert record is not None and record.verified
+
+    hour = pitr_defs.HOURLY_PARTITIONS.get_partition_key_for_timestamp(time.time())
+    refused = dg.materialize([pitr_defs.postgres_wal], partition_key=hour,
+                             resources=_resources(server, repo_dir), instance=instance,
+                             raise_on_error=False)
+    assert not refused.success
+    assert "is not over yet" in _failure(refused)
+    before = pitr_defs.HOURLY_PARTITIONS.get_partition_key_for_timestamp(time.time() - 3600)
+    checked = dg.materialize([pitr_defs.postgres_wal], partition_key=before,
+                             resources=_resources(server, repo_dir), instance=instance)
+    [event] = checked.get_asset_materialization_events()
+    assert event.materialization.metadata["segments"].value >= 0
+
+
+def _failure(result) -> str:
+    return " ".join(e.step_failure_data.error.to_string() for e in result.all_events
+                    if e.is_step_failure)
+
+
+def test_the_lag_sensor_plots_the_rpo_and_alerts_once_and_on_recovery(
+        server, repo, repo_dir, receiver, history, monkeypatch):
+    """Lag 0 recorded when archived; the receiver killed under writes: one alert past the
+    threshold (not one per tick); restarted: one recovery alert."""
+    monkeypatch.setattr(pitr_defs, "LAG_ALERT_MINUTES", 2 / 60)  # 2 s
+    instance = dg.DagsterInstance.ephemeral()
+    with webhook_server() as (url, received):
+        resources = _resources(server, repo_dir, url)
+        wait_caught_up(repo, server, receiver)
+        first = pitr_defs.postgres_wal_lag_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources))
+        [observed] = first.asset_events
+        assert observed.asset_key == pitr_defs.postgres_wal.key
+        assert observed.metadata["lag_seconds"].value == 0.0 and received == []
+        receiver.kill()
+        try:
+            query(server, "bench", "UPDATE pgbench_branches SET bbalance = bbalance + 1")
+            time.sleep(3)
+            for _ in range(2):  # alerted once, not on every tick
+                late = pitr_defs.postgres_wal_lag_sensor(dg.build_sensor_context(
+                    instance=instance, resources=resources, cursor=first.cursor))
+                first = late
+            assert late.asset_events[0].metadata["lag_seconds"].value >= 2
+            assert [r["json"]["kind"] for r in received] == ["rpo_breached"]
+            assert "not in use" in received[0]["json"]["text"]
+        finally:
+            receiver.start()
+        wait_caught_up(repo, server, receiver)
+        back = pitr_defs.postgres_wal_lag_sensor(dg.build_sensor_context(
+            instance=instance, resources=resources, cursor=late.cursor))
+        assert back.asset_events[0].metadata["lag_seconds"].value == 0.0
+        assert [r["json"]["kind"] for r in received] == ["rpo_breached", "rpo_recovered"]
+
+
+def test_the_restore_job_refuses_with_the_reachable_times_and_recovers(
+        server, repo_dir, history, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    resources = _resources(server, repo_dir)
+    refused = pitr_defs.restore_postgres_pitr_job.execute_in_process(
+        run_config={"ops": {"restore_postgres_pitr": {"config": {
+            "target_time": "2020-01-01T00:00:00Z", "work_directory": str(tmp_path)}}}},
+        resources=resources, instance=instance, raise_on_error=False)
+    assert not refused.success and "reachable: " in _failure(refused)
+    assert list(tmp_path.iterdir()) == []
+    done = pitr_defs.restore_postgres_pitr_job.execute_in_process(
+        run_config={"ops": {"restore_postgres_pitr": {"config": {
+            "target_time": history.at_t.isoformat(), "mode": "databases",
+            "databases": ["bench"], "target_names": {"bench": "bench_at_t"}}}}},
+        resources=resources, instance=instance)
+    try:
+        report = done.output_for_node("restore_postgres_pitr")
+        assert report["databases"] == {"bench": "bench_at_t"}
+        assert bench_state(server, "bench_at_t") == history.state_at_t
+        assert report["comparisons"]["bench"]["differences"] == []
+        assert datetime.fromisoformat(report["reached_at"]) <= history.at_t
+    finally:
+        pgutil.drop_database(server, "bench_at_t")
+
+
+def test_an_honest_backfill_holds_its_window_end_and_a_live_one_says_why(
+        server, repo, repo_dir, history, tmp_path):
+    """A dump for a window that ended at T, taken later: from a recovery to T, so it holds the
+    state at T, and its manifest says so. A partition the archive cannot reach (yesterday:
+    older than every base backup) is dumped live, and says why."""
+    chosen, point = backfill.choose_source(repo, history.at_t, history.at_t + timedelta(hours=1))
+    assert chosen is not None and point["source"] == "pitr"
+    private = BackupRepository(FilesystemBackend(tmp_path / "dumps"))
+    with private.begin("postgres", "late", "test") as pending:
+        outcome = backfill.backup_at(repo, chosen, server, pending, point, databases=["bench"],
+                                     timeout_s=600)
+        pending.commit(outcome)
+    record = private.get("postgres", "late")
+    assert record.manifest.recovery_point["source"] == "pitr"
+    assert datetime.fromisoformat(record.manifest.recovery_point["reached_at"]) <= history.at_t
+    restored = pg_engine.restore(private, record, server, source_database="bench",
+                                 target_database="bench_backfilled", timeout_s=600)
+    try:
+        assert restored.comparison.matches
+        assert bench_state(server, "bench_backfilled") == history.state_at_t
+    finally:
+        pgutil.drop_database(server, "bench_backfilled")
+
+    yesterday = pitr_defs.DAILY_PARTITIONS.get_partition_key_for_timestamp(time.time() - 86400)
+    live = dg.materialize([pg_defs.postgres_backup], partition_key=yesterday,
+                          resources=_resources(server, repo_dir),
+                          instance=dg.DagsterInstance.ephemeral())
+    [event] = live.get_asset_materialization_events()
+    said = event.materialization.metadata["recovery_point"].value
+    assert said["source"] == "live" and "cannot reach" in said["why"]
+    assert repo.get("postgres", yesterday).manifest.recovery_point == said
+
+
+def test_restore_all_to_a_point_lands_postgres_on_it_by_pitr(server, repo, history):
+    """restore_all with a point in time: PostgreSQL from a recovery to exactly that point, not
+    from the daily dump chosen for it (which holds a later state)."""
+    _, record = take_backup(repo, "postgres", "2026-01-02", lambda pending: pg_engine.backup(
+        server, pending, databases=["bench"], timeout_s=600))
+    entry = recovery.PostgresRecovery(server, 600, ["bench"], point=history.at_t)
+    [restored] = recovery.restore_all(repo, [entry], {"postgres": record})
+    try:
+        assert restored.partition_key.startswith("pitr from ")
+        assert restored.matches_manifest and restored.counts["wal_segments"] >= 1
+        [target] = restored.handle.values()
+        assert bench_state(server, target) == history.state_at_t
+    finally:
+        for target in (restored.handle or {}).values():
+            pgutil.drop_database(server, target)
 
 
 def test_latest_after_the_server_is_killed(pg_stack, server, repo, receiver, base, tmp_path):

@@ -336,12 +336,10 @@ postgres_pitr_job = dg.define_asset_job(
     "postgres_pitr_job",
     selection=dg.AssetSelection.assets(postgres_base_backup, postgres_base_backup_verified,
                                        postgres_pitr_retention),
-    partitions_def=DAILY_PARTITIONS,
     description="Take, verify and retain a PostgreSQL base backup for point-in-time recovery.")
 
 postgres_wal_job = dg.define_asset_job(
     "postgres_wal_job", selection=dg.AssetSelection.assets(postgres_wal),
-    partitions_def=HOURLY_PARTITIONS,
     description="Check the continuity of one hour of archived PostgreSQL WAL.")
 
 
