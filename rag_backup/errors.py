@@ -89,3 +89,9 @@ class DamagedBackup(IntegrityError):
 class ConcurrentBackup(RagBackupError):
     """Another run committed (or is writing) the same partition while this one was writing; the
     message names that run. Nothing of either run was deleted by the other."""
+
+
+class StoreBusy(RagBackupError):
+    """Another writer (a Dagster run, the command line) holds the store's lease: a backup,
+    retention or in-place restore of the same store must wait. The message names the holder
+    and when its lease expires."""

@@ -13,7 +13,7 @@ from pydantic import Field
 from rag_backup.defs.partition_index import mark_partitions_deleted
 from rag_backup.defs.partitions import context_window, window_of
 from rag_backup.engines.comparison import Comparison
-from rag_backup.errors import BackupNotFound, RepositoryError, StoreUnreachable
+from rag_backup.errors import BackupNotFound, RepositoryError, StoreBusy, StoreUnreachable
 from rag_backup.repository import (
     DEFAULT_STALE_AGE,
     BackupRecord,
@@ -24,6 +24,7 @@ from rag_backup.repository import (
     Verification,
 )
 from rag_backup.repository.blobs import TMP_PREFIX as BLOB_TMP_PREFIX
+from rag_backup.repository.lease import holder_name
 from rag_backup.repository.manifest import utcnow
 from rag_backup.repository.retention import ensure_within_window
 
@@ -48,9 +49,15 @@ class StorePolicy:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """An unreachable store or a transient repository failure (connection, timeout, 5xx)."""
-    return isinstance(exc, StoreUnreachable) or (isinstance(exc, RepositoryError)
-                                                 and exc.transient)
+    """An unreachable store, a transient repository failure (connection, timeout, 5xx), or a
+    store whose lease another writer (the command line) holds."""
+    return isinstance(exc, (StoreUnreachable, StoreBusy)) or (
+        isinstance(exc, RepositoryError) and exc.transient)
+
+
+def run_holder(context) -> str:
+    """How a Dagster run names itself as a lease holder."""
+    return holder_name(f"Dagster run {context.run.run_id} ({context.run.job_name})")
 
 
 @contextmanager
@@ -60,7 +67,7 @@ def retry_when_unreachable() -> Iterator[None]:
     damaged backup are not retried)."""
     try:
         yield
-    except (StoreUnreachable, RepositoryError) as exc:
+    except (StoreUnreachable, StoreBusy, RepositoryError) as exc:
         if not is_transient(exc):
             raise
         raise dg.RetryRequested(max_retries=UNREACHABLE_RETRIES,
@@ -95,7 +102,8 @@ def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, sto
     partition = context_window(context)  # recorded in the manifest
     ensure_within_window(store, key, start=partition.start, now=utcnow(), window=window)
     with retry_when_unreachable():
-        with repo.begin(store, key, context.run.run_id, window=partition) as pending:
+        with repo.lease(store, run_holder(context), f"the backup of partition {key}"), \
+                repo.begin(store, key, context.run.run_id, window=partition) as pending:
             outcome = take(pending)
             manifest = pending.commit(outcome)
         record = repo.get(store, key)
@@ -187,7 +195,7 @@ def apply_retention(context: dg.AssetExecutionContext, repo: BackupRepository, s
         found = window_of(partitions_def, key)
         return found.start if found is not None else None
 
-    with retry_when_unreachable():
+    with retry_when_unreachable(), repo.lease(store, run_holder(context), "retention"):
         decisions = repo.apply_retention(
             store, now=utcnow(), window=window, dry_run=dry_run, damaged_start=damaged_start,
             delete_damaged_past_window=config.delete_damaged_past_window)

@@ -21,6 +21,7 @@ from rag_backup.defs.common import (
     commit_backup,
     comparison_metadata,
     retry_when_unreachable,
+    run_holder,
     verify_and_record,
 )
 from rag_backup.defs.partition_index import mark_partitions_deleted
@@ -102,7 +103,8 @@ def postgres_pitr_retention(context: dg.AssetExecutionContext, config: Retention
     repo = repository.open()
     now = utcnow()
     window_start = now - timedelta(days=PITR_DAYS)
-    with retry_when_unreachable():
+    with retry_when_unreachable(), repo.lease(pitr.BASE_STORE, run_holder(context),
+                                              "retention"):
         decisions = plan_base_retention(repo, window_start)
         for decision in decisions:
             if decision.delete and not config.dry_run:

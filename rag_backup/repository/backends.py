@@ -15,6 +15,7 @@ after an error never replaces that error: it is logged and added to it as a note
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import logging
 import os
@@ -189,6 +190,8 @@ class Backend(Protocol):
     def delete_many(self, keys: Iterable[str]) -> None: ...
     def list_incomplete_uploads(self, prefix: str) -> Iterator[IncompleteUpload]: ...
     def abort_incomplete_upload(self, upload: IncompleteUpload) -> None: ...
+    def put_if(self, key: str, data: bytes, expected: bytes | None) -> bool: ...
+    def delete_if(self, key: str, expected: bytes) -> bool: ...
 
 
 class _TranslatingStream:
@@ -377,6 +380,38 @@ class FilesystemBackend:
         """None on a filesystem: an unfinished write is a temporary file (``list_files``)."""
         return iter(())
 
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """An exclusive flock on ``<key>.lock`` beside ``key``: compare-and-swap on one file."""
+        import fcntl
+
+        lock = self._path(key).with_name(self._path(key).name + ".lock")
+        with self._op("lock", key):
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def put_if(self, key: str, data: bytes, expected: bytes | None) -> bool:
+        """Write ``key`` only if its content is ``expected`` (``None``: only if absent), as
+        one atomic step; whether it was written."""
+        with self._locked(key):
+            if self.read_bytes(key) != expected:
+                return False
+            self.write_bytes(key, data)
+            return True
+
+    def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete ``key`` only if its content is ``expected``; whether it was deleted."""
+        with self._locked(key):
+            if self.read_bytes(key) != expected:
+                return False
+            self.delete(key)
+            return True
+
     def abort_incomplete_upload(self, upload: IncompleteUpload) -> None:
         raise InvalidRequest("a filesystem repository has no multipart uploads")
 
@@ -514,6 +549,32 @@ class S3Backend:
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._op("write", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_if(self, key: str, data: bytes, expected: bytes | None) -> bool:
+        """Write ``key`` only if its content is ``expected`` (``None``: only if absent), with
+        S3's conditional writes (If-None-Match / If-Match on the ETag, the MD5 of a single-part
+        object); whether it was written."""
+        condition = ({"IfNoneMatch": "*"} if expected is None
+                     else {"IfMatch": f'"{hashlib.md5(expected).hexdigest()}"'})
+        with self._op("write", key):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       **condition)
+            except self.client.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409",
+                            *S3_NOT_FOUND):
+                    return False
+                raise
+        return True
+
+    def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete ``key`` if its content is ``expected`` (checked, then deleted: a writer in
+        between is possible only once the record expired)."""
+        if self.read_bytes(key) != expected:
+            return False
+        self.delete(key)
+        return True
 
     def exists(self, key: str) -> bool:
         with self._op("stat", key):

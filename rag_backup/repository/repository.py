@@ -22,6 +22,7 @@ naming the other run, and removes only its own files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -56,6 +57,7 @@ from rag_backup.repository.manifest import (
     Verification,
     utcnow,
 )
+from rag_backup.repository import lease
 from rag_backup.repository.wal import WalStore
 from rag_backup.repository.retention import (
     RetentionCandidate,
@@ -328,6 +330,12 @@ class BackupRepository:
         self.backend = backend
         self.blobs = BlobStore(backend)  # content-addressed blobs, shared by every backup
         self.wal = WalStore(backend)  # PostgreSQL's archived write-ahead log
+
+    def lease(self, store: str, holder: str, purpose: str,
+              ttl: timedelta | None = None) -> contextlib.AbstractContextManager[lease.Lease]:
+        """Hold ``store``'s writer lease for a block (``StoreBusy`` naming the holder if
+        another writer has it): backups, retention and in-place restores take it."""
+        return lease.held(self.backend, store, holder, purpose, ttl)
 
     @property
     def s3_bucket(self) -> str | None:
