@@ -37,7 +37,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory,
           request: pytest.FixtureRequest) -> Iterator[DevStack]:
     """The embedded stack, started and seeded once per session, stopped afterwards."""
     root = tmp_path_factory.mktemp("stack")
-    stack = DevStack(root=root, services=session_services(request.session))
+    # 750 documents (1,069 objects: listings still take two pages), conversations and vectors:
+    # enough for every check, and the drills, which copy every object, stay quick; the demo
+    # and test_devstack seed the full 2,000.
+    stack = DevStack(root=root, services=session_services(request.session),
+                     corpus_documents=750)
     try:
         stack.up(seed=True)
         yield stack

@@ -102,6 +102,7 @@ class DevStack:
         *,
         pg_bindir: Path | None = None,
         cache_dir: Path | None = None,
+        corpus_documents: int = 2000,
     ) -> None:
         self.root = (
             Path(root).resolve() if root is not None else default_root().resolve()
@@ -109,6 +110,9 @@ class DevStack:
         self.services = parse_services(services)
         self.pg_bindir = pg_bindir
         self.cache_dir = cache_dir
+        # The sample data's size: documents, with 1.5 conversations and 0.5 feedback each (the
+        # demo's 2,000; the test session seeds fewer: its drills copy every object).
+        self.corpus_documents = corpus_documents
         self._popens: dict[str, subprocess.Popen[bytes]] = {}
         self._state_lock = threading.Lock()
         # Seconds each start and each seeding took in the last `up` (empty: all reused).
@@ -257,7 +261,11 @@ class DevStack:
 
         started = time.monotonic()
         try:
-            seed_module.SEEDERS[svc.name](svc.env(), seed_module.build_corpus())
+            corpus = seed_module.build_corpus(
+                n_documents=self.corpus_documents,
+                n_conversations=self.corpus_documents * 3 // 2,
+                n_feedback=self.corpus_documents // 2)
+            seed_module.SEEDERS[svc.name](svc.env(), corpus)
         except Exception as exc:
             raise DevStackError(
                 f"{svc.name}: seeding failed: {exc}; server log: {svc.log_path}"
