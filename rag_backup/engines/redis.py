@@ -30,13 +30,14 @@ from typing import Any
 
 import redis
 
-from rag_backup import repository
+from rag_backup import progress, repository
 from rag_backup.engines.zstream import compress_into, decompress_artifact
 from rag_backup.errors import (
     ConfirmationRequired,
     CredentialsRejected,
     IntegrityError,
     InvalidRequest,
+    RagBackupError,
     StoreUnreachable,
     ToolError,
 )
@@ -46,6 +47,7 @@ from rag_backup.repository import BackupRecord, BackupRepository, PendingBackup
 STORE = "redis"
 RDB_ARTIFACT = "dump.rdb.zst"
 PIPELINE_BATCH = 1000
+KEYS = "keys"  # the unit of a replay's progress
 Log = Callable[[str], None]
 
 
@@ -296,17 +298,37 @@ REDIS_CLI_TRANSIENT = (
 
 
 def fetch_rdb(server: RedisServer, dest: Path, *, timeout_s: float) -> None:
-    """``redis-cli --rdb``: the server's RDB as a replica receives it, into ``dest``. A
-    transfer cut by the server is ``StoreWentAway`` (retried)."""
+    """``redis-cli --rdb``: the server's RDB as a replica receives it, into ``dest`` (its growth
+    advances the current progress tracker). A transfer cut by the server is ``StoreWentAway``
+    (retried)."""
     proc = StreamingProcess([_binary("redis-cli"), *server.cli_args(), "--rdb", str(dest)],
                             what=f"redis-cli --rdb from {server.describe()}",
                             timeout=timeout_s, env=server.cli_env(), stdout=False,
                             transient=REDIS_CLI_TRANSIENT)
     try:
+        progress.follow(proc.proc, lambda: dest.stat().st_size if dest.exists() else 0)
         proc.wait()
     except BaseException:
         proc.abort()
         raise
+
+
+def estimate_rdb_bytes(server: RedisServer, repo: BackupRepository) -> int | None:
+    """About the size of the server's RDB, for progress: the newest backup's, else the dataset
+    in the server's memory (an RDB is usually smaller). None if neither can be read."""
+    try:
+        for key in sorted(repo.partitions(STORE), reverse=True)[:3]:
+            record = repo.get(STORE, key)
+            size = fingerprint_of(record).rdb_bytes if record is not None else None
+            if size:
+                return size
+        client = server.client()
+        try:
+            return int(client.info("memory").get("used_memory_dataset", 0)) or None
+        finally:
+            client.close()
+    except (RagBackupError, redis.RedisError, ValueError):
+        return None
 
 
 def backup(server: RedisServer, pending: PendingBackup, *, timeout_s: float = 3600,
@@ -317,11 +339,14 @@ def backup(server: RedisServer, pending: PendingBackup, *, timeout_s: float = 36
     with tempfile.TemporaryDirectory(prefix="rag-backup-redis-", dir=workdir) as tmp:
         rdb = Path(tmp) / "dump.rdb"
         started = time.monotonic()
-        fetch_rdb(server, rdb, timeout_s=timeout_s)
+        with progress.tracking(f"redis-cli --rdb from {server.describe()}",
+                               estimate_rdb_bytes(server, pending.repo), estimated=True):
+            fetch_rdb(server, rdb, timeout_s=timeout_s)
         log(f"RDB received from {server.describe()}: {rdb.stat().st_size} bytes in "
             f"{time.monotonic() - started:.1f} s")
         fingerprint = fingerprint_rdb(rdb, binary=redis_server_bin, timeout_s=timeout_s)
-        with open(rdb, "rb") as source:
+        with open(rdb, "rb") as source, progress.tracking(
+                f"compressing the RDB of {server.describe()}", rdb.stat().st_size):
             compress_into(pending, RDB_ARTIFACT, source, zstd_level)
     versions = {"redis-cli": run([_binary("redis-cli"), "--version"], what="redis-cli --version",
                                  timeout=30).stdout.decode().strip()}
@@ -341,7 +366,8 @@ def unpack(repo: BackupRepository, record: BackupRecord, dest: Path) -> Path:
     if artifact is None:
         raise IntegrityError(f"redis backup {record.partition_key}: manifest has no "
                              f"{RDB_ARTIFACT}")
-    with open(dest, "wb") as out:
+    with open(dest, "wb") as out, progress.tracking(
+            f"unpacking redis backup {record.partition_key}", artifact.size):
         decompress_artifact(repo, record, artifact, out=out)
     return dest
 
@@ -438,6 +464,7 @@ def _copy_db(source: redis.Redis, target: redis.Redis, *, pattern: str, replace:
                     continue
                 raise result
             restored += 1
+        progress.advance(len(keys), unit=KEYS)
         keys.clear()
 
     for key in source.scan_iter(match=pattern, count=PIPELINE_BATCH):
@@ -481,7 +508,10 @@ def replay(repo: BackupRepository, record: BackupRecord, target: RedisServer, *,
     reports = []
     with tempfile.TemporaryDirectory(prefix="rag-backup-redis-", dir=workdir) as tmp:
         rdb = unpack(repo, record, Path(tmp) / "dump.rdb")
-        with scratch_server(rdb, binary=redis_server_bin, timeout_s=timeout_s) as sock:
+        with scratch_server(rdb, binary=redis_server_bin, timeout_s=timeout_s) as sock, \
+                progress.tracking(f"replaying redis backup {record.partition_key} into {name}",
+                                  sum(in_backup[db] for db in chosen) if pattern == "*" else None,
+                                  KEYS):
             for db, tdb in mapping.items():
                 src, dst = unix_client(sock, db, timeout_s), target.client(tdb)
                 try:

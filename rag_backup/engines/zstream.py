@@ -6,6 +6,7 @@ from typing import IO, Any
 
 import zstandard
 
+from rag_backup import progress
 from rag_backup.errors import IntegrityError
 from rag_backup.proc import StreamingProcess
 from rag_backup.repository import Artifact, BackupRecord, BackupRepository, PendingBackup
@@ -14,11 +15,26 @@ COPY_CHUNK = 1024 * 1024
 
 
 def copy_stream(source: IO[bytes], sink: Any, chunk: int = COPY_CHUNK) -> int:
+    """Copy ``source`` into ``sink``; the bytes read advance the current progress tracker."""
     total = 0
     for block in iter(lambda: source.read(chunk), b""):
         sink.write(block)
         total += len(block)
+        progress.advance(len(block))
     return total
+
+
+class CountedReader:
+    """A reader whose bytes advance the current progress tracker: the compressed side of a
+    decompression, whose size the manifest knows exactly (the decompressed size it does not)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        progress.advance(len(data))
+        return data
 
 
 def compressor(level: int) -> zstandard.ZstdCompressor:
@@ -37,7 +53,8 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
                         out: IO[bytes] | None = None) -> None:
     """Stream an artifact through sha256 and zstd into a child's stdin and/or a file.
 
-    Memory stays bounded by ``COPY_CHUNK`` whatever the compression ratio. Raises
+    Memory stays bounded by ``COPY_CHUNK`` whatever the compression ratio. The compressed
+    bytes read advance the current progress tracker (their total is ``artifact.size``). Raises
     ``IntegrityError`` for a checksum or size mismatch (reported first: it is the better
     diagnosis) or an invalid zstd stream (zstd's own frame checksum included). A consumer that
     stops reading early (``pg_restore --list`` after the table of contents) is tolerated.
@@ -45,8 +62,8 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
     pipe_open = consumer is not None
     failure: zstandard.ZstdError | None = None
     with repo.open_checked(record, artifact) as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=COPY_CHUNK,
-                                                            closefd=False)
+        reader = zstandard.ZstdDecompressor().stream_reader(CountedReader(raw),
+                                                            read_size=COPY_CHUNK, closefd=False)
         try:
             for block in iter(lambda: reader.read(COPY_CHUNK), b""):
                 if out is not None:

@@ -37,7 +37,7 @@ from pymilvus.client.constants import (
 )
 from pymilvus.client.utils import mkts_from_datetime
 
-from rag_backup import repository
+from rag_backup import progress, repository
 from rag_backup.engines.milvus.client import (
     MilvusServer,
     _state,
@@ -46,7 +46,15 @@ from rag_backup.engines.milvus.client import (
     list_collections,
     server_version,
 )
-from rag_backup.engines.milvus.common import ALL_PARTITIONS, MAX_BATCH, MIN_BATCH, Log, _quiet
+from rag_backup.engines.milvus.common import (
+    ALL_PARTITIONS,
+    MAX_BATCH,
+    MIN_BATCH,
+    ROWS,
+    STORE,
+    Log,
+    _quiet,
+)
 from rag_backup.engines.milvus.fingerprint import (
     CollectionFingerprint,
     MilvusFingerprint,
@@ -204,18 +212,20 @@ def backup_collection(client: MilvusClient, server: MilvusServer, name: str,
                             value = column[i] if column is not None else row[probe_field["name"]]
                             sample[slot:slot + 1] = [{"id": row[pk], "vector": _probe_vector(
                                 probe_field, value)}]
+                progress.advance(len(rows), unit=ROWS)
                 yield to_record_batch(rows, desc, schema, vectors)
 
         targets = [None] if desc["partition_key"] else desc["partitions"]
         files: dict[str, int] = {}
         per_partition: dict[str, int] = {}
-        for partition in targets:
-            label = partition or ALL_PARTITIONS
-            written = write_parquet(pending, f"{name}/{label}", batches(partition), schema,
-                                    rows_per_file)
-            files.update(written)
-            per_partition[label] = sum(written.values())
-            log(f"{name}/{label}: {per_partition[label]} rows in {len(written)} Parquet files")
+        with progress.tracking(f"{STORE} backup of collection {name}", rows_before, ROWS):
+            for partition in targets:
+                label = partition or ALL_PARTITIONS
+                written = write_parquet(pending, f"{name}/{label}", batches(partition), schema,
+                                        rows_per_file)
+                files.update(written)
+                per_partition[label] = sum(written.values())
+                log(f"{name}/{label}: {per_partition[label]} rows in {len(written)} Parquet files")
         rows_after = count_rows(client, server, name)
         rows = sum(per_partition.values())
         if probe_field is not None and sample:

@@ -8,6 +8,7 @@ STORE = "milvus"
 ALL_PARTITIONS = "_all"  # directory of a partition-key collection's rows (not per partition)
 MAX_BATCH = 16384  # pymilvus refuses larger iterator batches; the server's query window
 MIN_BATCH = 64
+ROWS = "rows"  # the unit of a backup's, verification's and restore's progress
 Log = Callable[[str], None]
 
 

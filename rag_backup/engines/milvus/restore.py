@@ -17,10 +17,18 @@ from dataclasses import dataclass
 
 from pymilvus import MilvusClient
 
+from rag_backup import progress
 from rag_backup.engines.milvus.artifacts import _artifact, read_description
 from rag_backup.engines.milvus.auto_id import _import_auto_id
 from rag_backup.engines.milvus.client import MilvusServer, calls, count_rows
-from rag_backup.engines.milvus.common import ALL_PARTITIONS, MAX_BATCH, MIN_BATCH, Log, _quiet
+from rag_backup.engines.milvus.common import (
+    ALL_PARTITIONS,
+    MAX_BATCH,
+    MIN_BATCH,
+    ROWS,
+    Log,
+    _quiet,
+)
 from rag_backup.engines.milvus.fingerprint import fingerprint_of
 from rag_backup.engines.milvus.parquet import auto_batch_rows
 from rag_backup.engines.milvus.probes import _compare_probes
@@ -91,11 +99,12 @@ def restore_collection(client: MilvusClient, server: MilvusServer, repo: BackupR
     log(f"restoring {source!r} ({entry.rows} rows) into staging collection {staging!r}")
     _create(client, server, staging, staging_desc)
     try:
-        if auto_id and auto_id_mode == "import":
-            _import_auto_id(client, server, repo, record, entry, desc, staging, batch, log)
-        else:
-            _insert_files(client, server, repo, record, entry, desc, staging, batch,
-                          drop_primary=auto_id and auto_id_mode == "new_ids", log=log)
+        with progress.tracking(f"milvus restore of {source} into {target}", entry.rows, ROWS):
+            if auto_id and auto_id_mode == "import":
+                _import_auto_id(client, server, repo, record, entry, desc, staging, batch, log)
+            else:
+                _insert_files(client, server, repo, record, entry, desc, staging, batch,
+                              drop_primary=auto_id and auto_id_mode == "new_ids", log=log)
         with calls(server, f"flushing {staging!r}"):
             client.flush(staging, timeout=server.long_timeout_s)
         _wait_indexes(client, server, staging)
@@ -162,10 +171,13 @@ def restore(repo: BackupRepository, record: BackupRecord, server: MilvusServer, 
     for source, target in targets.items():
         _check_name(target, f"target name of {source!r}")
     # No corrupt byte is acted upon: every artifact is checked before anything is created.
+    checked = [_artifact(record, path) for source in targets
+               for path in [available[source].description, *available[source].files]]
+    with progress.tracking(f"checking the artifacts of milvus backup {record.partition_key}",
+                           sum(a.size for a in checked)):
+        for artifact in checked:
+            repo.stream_artifact(record, artifact, lambda chunk: progress.advance(len(chunk)))
     for source in targets:
-        entry = available[source]
-        for path in [entry.description, *entry.files]:
-            repo.stream_artifact(record, _artifact(record, path))
         read_description(repo, record, source)
     results = []
     with server.session() as client:

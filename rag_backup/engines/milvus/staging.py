@@ -14,9 +14,10 @@ from typing import Any
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from rag_backup import progress
 from rag_backup.engines.milvus.artifacts import _where, local_artifact
 from rag_backup.engines.milvus.client import MilvusServer, calls
-from rag_backup.engines.milvus.common import ALL_PARTITIONS, Log
+from rag_backup.engines.milvus.common import ALL_PARTITIONS, ROWS, Log
 from rag_backup.engines.milvus.fingerprint import CollectionFingerprint
 from rag_backup.engines.milvus.parquet import iter_parquet, rows_from_batch
 from rag_backup.engines.milvus.schema import arrow_schema, build_index_params, build_schema
@@ -85,6 +86,7 @@ def _insert_files(client: MilvusClient, server: MilvusServer, repo: BackupReposi
                                   partition_name=None if partition == ALL_PARTITIONS
                                   else partition)
                 inserted += len(rows)
+                progress.advance(len(rows), unit=ROWS)
         log(f"{target}: inserted {inserted} rows from {path}")
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import boto3
 import botocore
 
-from rag_backup import repository
+from rag_backup import progress, repository
 from rag_backup.engines.minio.client import (
     S3Endpoint,
     check_bucket_name,
@@ -48,6 +48,7 @@ from rag_backup.engines.minio.common import (
     DEFAULT_GC_GRACE,
     DEFAULT_WORKERS,
     MAX_QUEUED,
+    OBJECTS,
     STORE,
     Log,
     _quiet,
@@ -65,6 +66,7 @@ from rag_backup.engines.minio.snapshot import (
     ObjectEntry,
     Transfer,
     check_snapshot,
+    fingerprint_of,
     read_snapshot,
     snapshot_buckets,
     write_snapshot,
@@ -303,8 +305,10 @@ def backup(endpoint: S3Endpoint, pending: PendingBackup, buckets: Sequence[str],
     stats: dict[str, BucketStats] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-backup")
     try:
-        for bucket in buckets:
-            stats[bucket] = _backup_bucket(copier, pool, pending, bucket, source, log)
+        with progress.tracking(f"{STORE} backup of {', '.join(buckets)}",
+                               _estimate_objects(source, buckets), OBJECTS, estimated=True):
+            for bucket in buckets:
+                stats[bucket] = _backup_bucket(copier, pool, pending, bucket, source, log)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
@@ -324,6 +328,18 @@ def backup(endpoint: S3Endpoint, pending: PendingBackup, buckets: Sequence[str],
     versions = {"boto3": boto3.__version__, "botocore": botocore.__version__}
     return BackupOutcome(fingerprint.to_dict(), versions, server, stats,
                          fingerprint.incremental_from)
+
+
+def _estimate_objects(source: BackupRecord | None, buckets: Sequence[str]) -> int | None:
+    """The objects of ``buckets`` in the previous snapshot: about what this backup will list
+    (for progress; a listing's count is only known at its end)."""
+    if source is None:
+        return None
+    try:
+        counts = fingerprint_of(source).buckets
+    except IntegrityError:  # a damaged fingerprint: no estimate (the backup copies anyway)
+        return None
+    return sum(counts[b].objects for b in buckets if b in counts) or None
 
 
 def _previous_entries(copier: _Copier, source: BackupRecord | None, bucket: str,
@@ -349,6 +365,7 @@ def _backup_bucket(copier: _Copier, pool: ThreadPoolExecutor, pending: PendingBa
 
             def emit(result: tuple[ObjectEntry | None, str]) -> None:
                 entry, how = result
+                progress.advance(1, unit=OBJECTS)
                 if entry is None:
                     stats.objects_vanished += 1
                     return

@@ -12,6 +12,7 @@ MAX_QUEUED = 10_000                # snapshot lines waiting behind a slower down
 DEFAULT_WORKERS = 8
 DEFAULT_GC_GRACE = timedelta(hours=48)
 EXAMPLES = 5
+OBJECTS = "objects"                # the unit of a backup's and a pre-flight's progress
 Log = Callable[[str], None]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from rag_backup import progress
 from rag_backup.engines.comparison import Comparison
 from rag_backup.engines.minio.client import S3Endpoint, check_bucket_name
 from rag_backup.engines.minio.common import DEFAULT_WORKERS, MAX_QUEUED, STORE
@@ -21,6 +22,7 @@ from rag_backup.engines.minio.objects import _list_bucket, _merge, _Objects, _Ob
 from rag_backup.engines.minio.snapshot import (
     ObjectEntry,
     check_snapshot,
+    fingerprint_of,
     read_snapshot,
     snapshot_buckets,
 )
@@ -40,6 +42,7 @@ def _compare_dicts(comparison: Comparison, aspect: str, item: str, label: str,
 def _compare_object(comparison: Comparison, item: str, entry: ObjectEntry,
                     seen: _Observed | None) -> None:
     comparison.count("objects")
+    progress.advance(entry.size)  # read back and hashed (or found missing)
     if seen is None:
         comparison.differ(item, "object", f"present ({entry.size} bytes)", None)
         return
@@ -114,6 +117,8 @@ def compare_bucket(repo: BackupRepository, record: BackupRecord, endpoint: S3End
     check_snapshot(repo, record, bucket)
     objects = _Objects(endpoint.client(), endpoint.reader(), endpoint)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-compare") \
-            as pool:
+            as pool, progress.tracking(f"comparing {target} with the snapshot of {bucket}",
+                                       None if prefix else
+                                       fingerprint_of(record).buckets[bucket].bytes):
         return _compare(objects, pool, repo, record, bucket, target, prefix,
                         extra_objects=extra_objects)

@@ -17,8 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rag_backup import progress
 from rag_backup.engines.minio.client import _bucket_exists
-from rag_backup.engines.minio.common import MAX_QUEUED, STORE, Log
+from rag_backup.engines.minio.common import MAX_QUEUED, OBJECTS, STORE, Log
 from rag_backup.engines.minio.objects import _list_bucket, _merge
 from rag_backup.engines.minio.snapshot import ObjectEntry, read_snapshot
 from rag_backup.errors import IntegrityError
@@ -98,6 +99,7 @@ class _PreflightCheck:
                     continue
                 index = bits.count
                 bits.count += 1
+                progress.advance(1, unit=OBJECTS)  # ahead of its check by MAX_QUEUED at most
                 if obj is not None and obj.size == entry.size:
                     future = self.pool.submit(restorer.identical, target, entry)
                     self.queue.append((future, (bits, index, source, entry)))

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from rag_backup import progress
 from rag_backup.engines.comparison import Comparison
 from rag_backup.engines.minio.client import (
     CHANGED,
@@ -33,7 +34,15 @@ from rag_backup.engines.minio.client import (
     refuse_repository_bucket,
     s3_errors,
 )
-from rag_backup.engines.minio.common import CHUNK, DEFAULT_WORKERS, MAX_QUEUED, STORE, Log, _quiet
+from rag_backup.engines.minio.common import (
+    CHUNK,
+    DEFAULT_WORKERS,
+    MAX_QUEUED,
+    OBJECTS,
+    STORE,
+    Log,
+    _quiet,
+)
 from rag_backup.engines.minio.compare import _compare
 from rag_backup.engines.minio.objects import (
     HEADER_PARAMS,
@@ -48,6 +57,7 @@ from rag_backup.engines.minio.preflight import Preflight, _Bits, _preflight
 from rag_backup.engines.minio.snapshot import (
     ObjectEntry,
     _snapshot_artifact,
+    fingerprint_of,
     read_snapshot,
     snapshot_buckets,
 )
@@ -331,7 +341,11 @@ def restore(repo: BackupRepository, record: BackupRecord, endpoint: S3Endpoint, 
     reports: list[BucketRestore] = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-restore") \
             as pool:
-        preflight, plans = _preflight(restorer, pool, pairs, prefix, log)
+        counts = fingerprint_of(record).buckets
+        with progress.tracking(f"pre-flight of the {STORE} restore of {record.partition_key}",
+                               None if prefix else sum(counts[s].objects for s, _ in pairs),
+                               OBJECTS):
+            preflight, plans = _preflight(restorer, pool, pairs, prefix, log)
         try:
             for (source, target), plan in zip(pairs, plans):
                 reports.append(_restore_bucket(restorer, pool, source, target, prefix,
@@ -392,6 +406,7 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
 
     def count(outcome: str, entry: ObjectEntry) -> None:
         nonlocal restored, skipped, retagged, restored_bytes
+        progress.advance(entry.size)
         if outcome == "restored":
             restored += 1
             restored_bytes += entry.size
@@ -404,45 +419,47 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
             future, entry = pending.popleft()
             count(future.result(), entry)
 
-    try:
-        for entry, obj in _merge(entries, listed):
-            if entry is None:
-                assert obj is not None
-                extra.append(obj.key)
-                continue
-            index = in_snapshot
-            in_snapshot += 1
-            pending.append((pool.submit(restorer.restore_one, source, target, entry, obj,
-                                        plan[index]), entry))
-            settle(False)
-        settle(True)
-    except _BlobDamaged as exc:
-        # Let the transfers already running finish (they were checked), then say how far.
-        for future, _ in pending:
-            future.cancel()
-        for future, entry in pending:
-            if not future.cancelled():
-                try:
-                    count(future.result(), entry)
-                except Exception:  # noqa: BLE001 - the first failure is the one reported
-                    pass
-        stopped = Comparison()
-        stopped.skip("objects", f"the restore of {source} into {target} stopped part-way")
-        message = (
-            f"{STORE} restore of {record.partition_key} into {target} stopped part-way: {exc} "
-            f"The blob passed the pre-flight, so it was damaged or removed since. The target "
-            f"WAS changed: {restored} of the {plan.count} objects of {source}"
-            f"{' under ' + repr(prefix) if prefix else ''} written ({restored_bytes} bytes), "
-            f"{skipped} found identical and left alone ({retagged} re-tagged); nothing was "
-            "removed. Restore again from another snapshot (another partition_key).")
-        log(message)
-        raise _Stopped(message, BucketRestore(
-            source, target, plan.count, restored, skipped, 0, restored_bytes, 0, retagged,
-            stopped)) from exc
-    except BaseException:
-        for future, _ in pending:
-            future.cancel()
-        raise
+    with progress.tracking(f"{STORE} restore of {source} into {target}",
+                           None if prefix else fingerprint_of(record).buckets[source].bytes):
+        try:
+            for entry, obj in _merge(entries, listed):
+                if entry is None:
+                    assert obj is not None
+                    extra.append(obj.key)
+                    continue
+                index = in_snapshot
+                in_snapshot += 1
+                pending.append((pool.submit(restorer.restore_one, source, target, entry, obj,
+                                            plan[index]), entry))
+                settle(False)
+            settle(True)
+        except _BlobDamaged as exc:
+            # Let the transfers already running finish (they were checked), then say how far.
+            for future, _ in pending:
+                future.cancel()
+            for future, entry in pending:
+                if not future.cancelled():
+                    try:
+                        count(future.result(), entry)
+                    except Exception:  # noqa: BLE001 - the first failure is the one reported
+                        pass
+            stopped = Comparison()
+            stopped.skip("objects", f"the restore of {source} into {target} stopped part-way")
+            message = (
+                f"{STORE} restore of {record.partition_key} into {target} stopped part-way: {exc} "
+                f"The blob passed the pre-flight, so it was damaged or removed since. The target "
+                f"WAS changed: {restored} of the {plan.count} objects of {source}"
+                f"{' under ' + repr(prefix) if prefix else ''} written ({restored_bytes} bytes), "
+                f"{skipped} found identical and left alone ({retagged} re-tagged); nothing was "
+                "removed. Restore again from another snapshot (another partition_key).")
+            log(message)
+            raise _Stopped(message, BucketRestore(
+                source, target, plan.count, restored, skipped, 0, restored_bytes, 0, retagged,
+                stopped)) from exc
+        except BaseException:
+            for future, _ in pending:
+                future.cancel()
+            raise
     removed = 0
     if remove_extra and extra:
         with s3_errors(endpoint, "removing objects not in the snapshot", target):
@@ -456,8 +473,10 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
                                          f"{len(resp['Errors'])} objects, e.g. {first}")
                 removed += len(batch)
     # Independent check: what the target now has, object by object, against the snapshot.
-    comparison = _compare(restorer, pool, repo, record, source, target, prefix,
-                          extra_objects=remove_extra)
+    with progress.tracking(f"comparing {target} with the snapshot of {source}",
+                           None if prefix else fingerprint_of(record).buckets[source].bytes):
+        comparison = _compare(restorer, pool, repo, record, source, target, prefix,
+                              extra_objects=remove_extra)
     missing = sum(1 for d in comparison.differences
                   if d.property == "object" and d.actual is None)
     log(f"{source} -> {target}: {in_snapshot} objects in the snapshot"

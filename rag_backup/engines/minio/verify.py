@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Any
 
+from rag_backup import progress
 from rag_backup.engines.minio.common import DEFAULT_WORKERS, EXAMPLES, STORE, Log, _quiet
 from rag_backup.engines.minio.snapshot import fingerprint_of, read_snapshot, snapshot_buckets
 from rag_backup.errors import IntegrityError, InvalidRequest
@@ -95,9 +96,15 @@ def verify(repo: BackupRepository, record: BackupRecord, *,
         chosen = [sha for sha in refs if _in_slot(sha, rotation_days, slot)]
         coverage = (f"share {slot + 1} of {rotation_days} (the partition's day): every blob is "
                     f"re-read within {rotation_days} days")
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="minio-verify") as pool:
-        outcomes = list(pool.map(lambda sha: (sha, _rehash(repo, sha, refs[sha])), chosen))
-    bad = {sha: problem for sha, problem in outcomes if problem is not None}
+    bad: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers),
+                            thread_name_prefix="minio-verify") as pool, \
+            progress.tracking(f"re-hashing the blobs of {STORE} backup {part}",
+                              sum(refs[sha] for sha in chosen)):
+        for sha, problem in pool.map(lambda sha: (sha, _rehash(repo, sha, refs[sha])), chosen):
+            progress.advance(refs[sha])
+            if problem is not None:
+                bad[sha] = problem
     if bad:
         _raise_blob_problems(repo, record, bad, "blobs do not match their sha256")
     rehashed_bytes = sum(refs[sha] for sha in chosen)

@@ -26,6 +26,7 @@ from typing import Any
 
 from psycopg2 import sql
 
+from rag_backup import progress
 from rag_backup.engines.postgres.common import DUMP_SUFFIX, Log
 from rag_backup.engines.postgres.server import PostgresServer
 from rag_backup.engines.postgres.sqltext import (
@@ -161,7 +162,8 @@ def _unpack(repo: BackupRepository, record: BackupRecord, source_database: str, 
     artifact = next(a for a in record.manifest.artifacts
                     if a.path == f"{source_database}{DUMP_SUFFIX}")
     archive = Path(tmp) / "archive.dump"
-    with open(archive, "wb") as out:
+    with open(archive, "wb") as out, \
+            progress.tracking(f"unpacking postgres archive {artifact.path}", artifact.size):
         decompress_artifact(repo, record, artifact, out=out)
     log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes")
     return archive

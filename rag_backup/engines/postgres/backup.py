@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 import zstandard
 
-from rag_backup import repository
+from rag_backup import progress, repository
 from rag_backup.engines.postgres.common import (
     DUMP_SUFFIX,
     GLOBALS_ARTIFACT,
@@ -40,7 +41,7 @@ from rag_backup.engines.postgres.server import (
     tool_version,
 )
 from rag_backup.engines.zstream import compress_into
-from rag_backup.errors import InvalidRequest, StoreUnreachable, ToolError
+from rag_backup.errors import InvalidRequest, RagBackupError, StoreUnreachable, ToolError
 from rag_backup.proc import StreamingProcess
 from rag_backup.repository import PendingBackup
 
@@ -56,9 +57,37 @@ class BackupOutcome(repository.BackupOutcome):
         return fingerprint_of(self).rows
 
 
+# The tables' heap and TOAST (user tables, materialized views, large objects): what pg_dump
+# writes, about. Indexes are rebuilt on restore, not dumped; the catalogs are mostly not dumped.
+DUMP_ESTIMATE_SQL = """
+SELECT coalesce(sum(pg_table_size(c.oid)), 0)::bigint FROM pg_class c
+WHERE c.relkind IN ('r', 'm')
+  AND (c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+       OR c.oid = 'pg_largeobject'::regclass)
+"""
+
+
+def estimate_dump_bytes(server: PostgresServer, database: str) -> int | None:
+    """About the size of ``database``'s dump (for progress; None if it cannot be read)."""
+    try:
+        conn = server.connect(database)
+    except RagBackupError:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute(DUMP_ESTIMATE_SQL)
+            return int(cur.fetchone()[0]) or None
+    except psycopg2.Error:
+        return None
+    finally:
+        conn.close()
+
+
 def dump_database(server: PostgresServer, database: str, pending: PendingBackup, *,
                   timeout_s: float, zstd_level: int = 3) -> DatabaseFingerprint:
-    """``pg_dump -Fc`` of ``database`` on an exported snapshot; row counts in the same snapshot."""
+    """``pg_dump -Fc`` of ``database`` on an exported snapshot; row counts in the same snapshot.
+    Its progress is tracked against the estimate of ``estimate_dump_bytes``."""
+    estimate = estimate_dump_bytes(server, database)
     snap = server.connect(database)
     try:
         snap.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -81,8 +110,10 @@ def dump_database(server: PostgresServer, database: str, pending: PendingBackup,
         counter = threading.Thread(target=count, name=f"count-{database}", daemon=True)
         counter.start()
         try:
-            compress_into(pending, f"{database}{DUMP_SUFFIX}", dump.proc.stdout, zstd_level)
-            dump.wait()
+            with progress.tracking(f"pg_dump of {database}", estimate, estimated=True):
+                compress_into(pending, f"{database}{DUMP_SUFFIX}", dump.proc.stdout,
+                              zstd_level)
+                dump.wait()
         except BaseException:
             dump.abort()
             raise

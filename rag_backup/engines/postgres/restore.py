@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import psycopg2
 from psycopg2 import sql
 
+from rag_backup import progress
 from rag_backup.engines.comparison import Comparison
 from rag_backup.engines.postgres import roles as pg_roles
 from rag_backup.engines.postgres.archive import (
@@ -33,7 +34,7 @@ from rag_backup.errors import (
     InvalidRequest,
     StoreUnreachable,
 )
-from rag_backup.proc import run, tail
+from rag_backup.proc import StreamingProcess, tail
 from rag_backup.repository import BackupRecord, BackupRepository
 
 
@@ -109,8 +110,10 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
                         "--no-password", f"--dbname={server.dsn(staging)}"]
                 if no_owner:
                     argv.append("--no-owner")
-                run([*argv, str(archive)], what=f"pg_restore into {staging!r} on "
-                    f"{server.describe()}", timeout=timeout_s, env=server.env())
+                _pg_restore([*argv, str(archive)], admin, staging, archive.stat().st_size,
+                            what=f"pg_restore into {staging!r} on {server.describe()}",
+                            label=f"pg_restore of {source_database} into {target_database}",
+                            timeout_s=timeout_s, env=server.env())
                 comparison, restored = _compare(
                     server, admin, contents, expected, staging, name=target_database,
                     no_owner=no_owner, jobs=jobs, timeout_s=timeout_s, apply=True, log=log)
@@ -133,6 +136,27 @@ def restore(repo: BackupRepository, record: BackupRecord, server: PostgresServer
     return RestoreReport(source_database, target_database, exists, len(restored.tables),
                          restored.rows, restored.large_objects, comparison,
                          time.monotonic() - started, roles.created, roles.updated)
+
+
+def _pg_restore(argv: list[str], admin, staging: str, archive_bytes: int, *, what: str,
+                label: str, timeout_s: float, env: dict[str, str]) -> None:
+    """Run ``pg_restore`` (``what`` names it in errors), its progress (``label``) followed as
+    the staging database's growth, since pg_restore reports none: about the archive's size in
+    all, more with the indexes, hence an estimate."""
+    def size() -> int:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_database_size(%s)", (staging,))
+            return int(cur.fetchone()[0])
+
+    empty = size()  # the new database's own catalogs: not restored data
+    proc = StreamingProcess(argv, what=what, timeout=timeout_s, env=env, stdout=False)
+    try:
+        with progress.tracking(label, archive_bytes, estimated=True):
+            progress.follow(proc.proc, lambda: size() - empty)
+            proc.wait()
+    except BaseException:
+        proc.abort()
+        raise
 
 
 def _swap_in(admin, staging: str, target: str, replace: bool) -> None:

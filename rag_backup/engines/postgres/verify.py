@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from rag_backup import progress
 from rag_backup.engines.postgres.common import DUMP_SUFFIX, GLOBALS_ARTIFACT
 from rag_backup.engines.postgres.fingerprint import fingerprint_of
 from rag_backup.engines.postgres.server import PostgresServer
@@ -35,30 +36,32 @@ def verify(repo: BackupRepository, record: BackupRecord, *, timeout_s: float = 3
     if expected - present:
         raise IntegrityError(f"postgres backup {manifest.partition_key}: manifest lacks "
                              f"artifacts {sorted(expected - present)}")
-    for artifact in manifest.artifacts:
-        with tempfile.TemporaryFile() as listing:
-            lister = None
-            if artifact.path.endswith(DUMP_SUFFIX):
-                lister = StreamingProcess([tool, "--list"], what=f"pg_restore --list of "
-                                          f"{record.location}/{artifact.path}",
-                                          timeout=timeout_s, stdin=True, stdout=listing)
-            try:
-                decompress_artifact(repo, record, artifact, consumer=lister)
-                if lister is not None:
-                    lister.wait()
-            except BaseException:
-                if lister is not None:
-                    lister.abort()
-                raise
-            if lister is None:
-                continue
-            listing.seek(0)
-            toc = listing.read().decode("utf-8", errors="replace")
-        db = artifact.path[: -len(DUMP_SUFFIX)]
-        absent = sorted(t for t, n in databases[db].tables.items()
-                        if n > 0 and not _has_table_data(toc, t))
-        if absent:
-            raise IntegrityError(f"postgres backup {manifest.partition_key}: archive "
-                                 f"{artifact.path} has no data for tables {absent[:10]}")
-        checks["archives_listed"] += 1
+    with progress.tracking(f"verifying postgres backup {manifest.partition_key}",
+                           sum(a.size for a in manifest.artifacts)):
+        for artifact in manifest.artifacts:
+            with tempfile.TemporaryFile() as listing:
+                lister = None
+                if artifact.path.endswith(DUMP_SUFFIX):
+                    lister = StreamingProcess([tool, "--list"], what=f"pg_restore --list of "
+                                              f"{record.location}/{artifact.path}",
+                                              timeout=timeout_s, stdin=True, stdout=listing)
+                try:
+                    decompress_artifact(repo, record, artifact, consumer=lister)
+                    if lister is not None:
+                        lister.wait()
+                except BaseException:
+                    if lister is not None:
+                        lister.abort()
+                    raise
+                if lister is None:
+                    continue
+                listing.seek(0)
+                toc = listing.read().decode("utf-8", errors="replace")
+            db = artifact.path[: -len(DUMP_SUFFIX)]
+            absent = sorted(t for t, n in databases[db].tables.items()
+                            if n > 0 and not _has_table_data(toc, t))
+            if absent:
+                raise IntegrityError(f"postgres backup {manifest.partition_key}: archive "
+                                     f"{artifact.path} has no data for tables {absent[:10]}")
+            checks["archives_listed"] += 1
     return checks

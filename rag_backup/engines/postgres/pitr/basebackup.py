@@ -30,9 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+import psycopg2
 import zstandard
 
-from rag_backup import repository
+from rag_backup import progress, repository
 from rag_backup.engines.postgres.common import Log, _quiet
 from rag_backup.engines.postgres.pitr.instance import find_bindir
 from rag_backup.engines.postgres.pitr.wal import (
@@ -42,8 +43,8 @@ from rag_backup.engines.postgres.pitr.wal import (
     segno_of,
 )
 from rag_backup.engines.postgres.server import SERVER_WENT_AWAY, PostgresServer, tool_version
-from rag_backup.engines.zstream import COPY_CHUNK, compress_into
-from rag_backup.errors import IntegrityError, InvalidRequest, ToolError
+from rag_backup.engines.zstream import COPY_CHUNK, CountedReader, compress_into
+from rag_backup.errors import IntegrityError, InvalidRequest, RagBackupError, ToolError
 from rag_backup.proc import StreamingProcess
 from rag_backup.repository import Artifact, BackupRecord, BackupRepository, PendingBackup
 from rag_backup.repository.manifest import _aware
@@ -230,6 +231,23 @@ def _read_cluster(server: PostgresServer) -> _Cluster:
         conn.close()
 
 
+def estimate_cluster_bytes(server: PostgresServer) -> int | None:
+    """About the size of a base backup's tar (every database's files), for progress; None if
+    the sizes cannot be read (``pg_database_size`` needs CONNECT on each database)."""
+    try:
+        conn = server.connect("postgres")
+    except RagBackupError:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT sum(pg_database_size(oid))::bigint FROM pg_database")
+            return int(cur.fetchone()[0] or 0) or None
+    except psycopg2.Error:
+        return None
+    finally:
+        conn.close()
+
+
 def take_base_backup(server: PostgresServer, pending: PendingBackup, *,
                      timeout_s: float = 6 * 3600, zstd_level: int = 3,
                      log: Log = _quiet) -> BaseBackupOutcome:
@@ -242,6 +260,7 @@ def take_base_backup(server: PostgresServer, pending: PendingBackup, *,
         raise InvalidRequest(f"{what}: the cluster has tablespaces outside its data directory "
                              f"({cluster.tablespaces}); a streamed base backup holds the data "
                              "directory only, so it cannot take them")
+    estimate = estimate_cluster_bytes(server)
     started_at, started = datetime.now(timezone.utc), time.monotonic()
     proc = StreamingProcess(
         [server.tool("pg_basebackup"), "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast",
@@ -251,8 +270,9 @@ def take_base_backup(server: PostgresServer, pending: PendingBackup, *,
     assert proc.proc.stdout is not None
     watcher = _TarWatcher(proc.proc.stdout)
     try:
-        compress_into(pending, BASE_ARTIFACT, watcher, zstd_level)
-        proc.wait()
+        with progress.tracking(what, estimate, estimated=True):
+            compress_into(pending, BASE_ARTIFACT, watcher, zstd_level)
+            proc.wait()
     except BaseException:
         proc.abort()
         raise
@@ -311,9 +331,10 @@ def extract_base_backup(repo: BackupRepository, record: BackupRecord, dest: Path
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline, extracted = time.monotonic() + timeout_s, [0]
     failure: Exception | None = None
-    with repo.open_checked(record, artifact) as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=COPY_CHUNK,
-                                                            closefd=False)
+    with repo.open_checked(record, artifact) as raw, \
+            progress.tracking(f"extracting base backup {record.partition_key}", artifact.size):
+        reader = zstandard.ZstdDecompressor().stream_reader(CountedReader(raw),
+                                                            read_size=COPY_CHUNK, closefd=False)
         try:
             with tarfile.open(fileobj=reader, mode="r|", bufsize=COPY_CHUNK,
                               copybufsize=COPY_CHUNK) as tar:

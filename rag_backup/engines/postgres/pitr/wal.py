@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rag_backup import progress
 from rag_backup.errors import BackupNotFound, DamagedBackup, InvalidRequest
 from rag_backup.proc import StreamingProcess
 from rag_backup.repository import BackupRepository, WalSegment
@@ -173,9 +174,13 @@ def fetch_segments(repo: BackupRepository, names: Sequence[str], dest: Path, *,
         raise BackupNotFound(f"the WAL archive at {repo.wal.location()} lacks "
                              f"{len(missing)} segment(s): {', '.join(missing[:20])}")
     dest.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(workers) as pool:
-        sizes = pool.map(lambda r: repo.wal.read_to(r, dest / r.name), records.values())
-        return sum(sizes)
+    written = 0
+    with ThreadPoolExecutor(workers) as pool, progress.tracking(
+            f"fetching {len(names)} WAL segment(s)", sum(r.size for r in records.values())):
+        for size in pool.map(lambda r: repo.wal.read_to(r, dest / r.name), records.values()):
+            written += size
+            progress.advance(size)
+    return written
 
 
 def copy_histories(repo: BackupRepository, dest: Path) -> list[str]:
