@@ -1,29 +1,35 @@
 """Milvus: daily collection backups, their verification, retention, and the restore job."""
 
+import contextlib
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.defs.freshness import rpo_freshness
 from rag_backup.defs.common import (
     RetentionConfig,
     StorePolicy,
     apply_retention,
     commit_backup,
     retry_when_unreachable,
+    run_holder,
     verify_and_record,
 )
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, MilvusResource
 from rag_backup.engines import milvus as engine
 from rag_backup.errors import InvalidRequest
-from rag_backup.repository import LATEST
+from rag_backup.repository import LATEST, BackupRepository
 
 STORE = engine.STORE
 RETENTION = timedelta(days=7)
 GROUP = "milvus"
 KINDS = {"milvus"}
 POOL = "milvus"
+Log = Callable[[str], None]
 
 
 @dg.asset(partitions_def=DAILY_PARTITIONS, group_name=GROUP, kinds=KINDS, pool=POOL,
@@ -64,7 +70,8 @@ def milvus_backup(context: dg.AssetExecutionContext, repository: BackupRepositor
 
 
 @dg.asset(deps=[milvus_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP, kinds=KINDS,
-          pool=POOL, owners=["team:platform"])
+          pool=POOL, owners=["team:platform"],
+          freshness_policy=rpo_freshness(timedelta(days=1)))
 def milvus_backup_verified(context: dg.AssetExecutionContext,
                            repository: BackupRepositoryResource) -> dg.MaterializeResult:
     """The partition's Milvus backup, verified without the server: every artifact's size and
@@ -128,23 +135,26 @@ def restore_targets(config: RestoreMilvusConfig, available: list[str],
     return {name: f"{name}{suffix}" for name in chosen}
 
 
-@dg.op(pool=POOL)
-def restore_milvus(context: dg.OpExecutionContext, config: RestoreMilvusConfig,
-                   repository: BackupRepositoryResource, milvus: MilvusResource) -> dict:
-    """Restore collections of a Milvus backup, then compare with its manifest."""
-    repo = repository.open()
+def run_restore(config: RestoreMilvusConfig, repo: BackupRepository, milvus: MilvusResource,
+                log: Log, holder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The restore of ``restore_milvus``, without Dagster (the job and the command line both
+    run it): returns the summary (the op's output) and the run's metadata. ``holder`` names
+    this writer in the store's lease, taken by an in-place restore (or one allowed to replace
+    collections)."""
     record = repo.resolve(STORE, config.partition_key, require_verified=not config.allow_unverified)
     targets = restore_targets(config, sorted(engine.fingerprint_of(record).collections),
                               record.partition_key)
-    context.log.info(f"restoring from backup {record.backup_id} (partition "
-                     f"{record.partition_key}): {targets}")
-    with retry_when_unreachable():
+    log(f"restoring from backup {record.backup_id} (partition {record.partition_key}): "
+        f"{targets}")
+    lease = (repo.lease(STORE, holder, f"a restore into {', '.join(targets.values())}")
+             if config.in_place or config.confirm else contextlib.nullcontext())
+    with lease:
         report = engine.restore(
             repo, record, milvus.server(), targets=targets,
             confirm=[c.strip() for c in config.confirm.split(",") if c.strip()],
             auto_id_mode=config.auto_id_mode, batch_rows=config.batch_rows or milvus.batch_rows,
-            log=context.log.info)
-    context.add_output_metadata({
+            log=log)
+    metadata = {
         "partition_key": dg.MetadataValue.text(record.partition_key),
         "backup_id": dg.MetadataValue.text(record.backup_id),
         "targets": dg.MetadataValue.text(", ".join(f"{c.source} -> {c.target}"
@@ -164,15 +174,28 @@ def restore_milvus(context: dg.OpExecutionContext, config: RestoreMilvusConfig,
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
         "rows_per_s": dg.MetadataValue.float(round(report.rows / max(report.duration_s, 1e-9),
                                                    1)),
-    })
-    return {"backup_id": record.backup_id, "rows": report.rows,
-            "matches_manifest": report.matches_manifest,
-            "collections": {c.source: {"target": c.target, "rows": c.rows,
-                                       "rows_in_manifest": c.rows_expected,
-                                       "replaced_existing": c.replaced_existing,
-                                       "auto_id_mode": c.auto_id_mode,
-                                       "probes": c.probes, "probes_same_nearest": c.probes_top1}
-                            for c in report.collections}}
+    }
+    summary = {"backup_id": record.backup_id, "rows": report.rows,
+               "matches_manifest": report.matches_manifest,
+               "collections": {c.source: {"target": c.target, "rows": c.rows,
+                                          "rows_in_manifest": c.rows_expected,
+                                          "replaced_existing": c.replaced_existing,
+                                          "auto_id_mode": c.auto_id_mode,
+                                          "probes": c.probes,
+                                          "probes_same_nearest": c.probes_top1}
+                               for c in report.collections}}
+    return summary, metadata
+
+
+@dg.op(pool=POOL)
+def restore_milvus(context: dg.OpExecutionContext, config: RestoreMilvusConfig,
+                   repository: BackupRepositoryResource, milvus: MilvusResource) -> dict:
+    """Restore collections of a Milvus backup, then compare with its manifest."""
+    with retry_when_unreachable():
+        summary, metadata = run_restore(config, repository.open(), milvus, context.log.info,
+                                        run_holder(context))
+    context.add_output_metadata(metadata)
+    return summary
 
 
 @dg.job(tags={"store": STORE, "kind": "restore"})

@@ -1,11 +1,15 @@
 """MinIO: daily incremental snapshots, their verification, retention with garbage collection,
 and the restore job."""
 
+import contextlib
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.defs.freshness import rpo_freshness
 from rag_backup.defs.common import (
     RetentionConfig,
     StorePolicy,
@@ -13,13 +17,14 @@ from rag_backup.defs.common import (
     commit_backup,
     comparison_metadata,
     retry_when_unreachable,
+    run_holder,
     verify_and_record,
 )
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, MinioResource
 from rag_backup.engines import minio as engine
 from rag_backup.errors import InvalidRequest
-from rag_backup.repository import LATEST
+from rag_backup.repository import LATEST, BackupRepository
 from rag_backup.repository.manifest import utcnow
 
 STORE = engine.STORE
@@ -27,6 +32,7 @@ RETENTION = timedelta(days=14)
 GROUP = "minio"
 KINDS = {"minio"}
 POOL = "minio"
+Log = Callable[[str], None]
 
 
 @dg.asset(partitions_def=DAILY_PARTITIONS, group_name=GROUP, kinds=KINDS, pool=POOL,
@@ -68,7 +74,8 @@ class MinioVerifyConfig(dg.Config):
 
 
 @dg.asset(deps=[minio_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP,
-          kinds=KINDS, pool=POOL, owners=["team:platform"])
+          kinds=KINDS, pool=POOL, owners=["team:platform"],
+          freshness_policy=rpo_freshness(timedelta(days=1)))
 def minio_backup_verified(context: dg.AssetExecutionContext, config: MinioVerifyConfig,
                           repository: BackupRepositoryResource,
                           minio: MinioResource) -> dg.MaterializeResult:
@@ -136,24 +143,32 @@ class RestoreMinioConfig(dg.Config):
         "fails the run unless this is set; the objects are written either way.")
 
 
-@dg.op(pool=POOL)
-def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
-                  repository: BackupRepositoryResource, minio: MinioResource) -> dict:
-    """Restore buckets of a MinIO snapshot, skipping identical objects (their tags corrected),
-    then compare every object of the target with the snapshot, field by field. A pre-flight
-    first checks the snapshot and every blob the restore will write (size and sha256); a
-    missing or damaged one fails the run before the target is changed at all."""
-    repo = repository.open()
+def restore_in_place(config: RestoreMinioConfig, snapshot_buckets: list[str]) -> bool:
+    """Whether the restore writes into a bucket the snapshot was taken of (objects there may
+    be overwritten) or removes objects: such a restore holds the store's writer lease."""
+    sources = config.buckets or snapshot_buckets
+    return (config.remove_extra or not config.target_bucket
+            or config.target_bucket in sources)
+
+
+def run_restore(config: RestoreMinioConfig, repo: BackupRepository, minio: MinioResource,
+                log: Log, holder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The restore of ``restore_minio``, without Dagster (the job and the command line both
+    run it): returns the summary (the op's output) and the run's metadata. ``holder`` names
+    this writer in the store's lease, taken when the restore writes into a source bucket."""
     record = repo.resolve(STORE, config.partition_key,
                           require_verified=not config.allow_unverified)
-    context.log.info(f"restoring snapshot {record.partition_key} ({record.backup_id})")
-    with retry_when_unreachable():
+    log(f"restoring snapshot {record.partition_key} ({record.backup_id})")
+    lease = (repo.lease(STORE, holder, "a restore into the snapshot's own buckets")
+             if restore_in_place(config, engine.snapshot_buckets(record))
+             else contextlib.nullcontext())
+    with lease:
         report = engine.restore(
             repo, record, minio.s3(config.workers), buckets=config.buckets or None,
             target_bucket=config.target_bucket, prefix=config.prefix,
             remove_extra=config.remove_extra, confirm=config.confirm, workers=config.workers,
-            accept_differences=config.accept_differences, log=context.log.info)
-    context.add_output_metadata({
+            accept_differences=config.accept_differences, log=log)
+    metadata = {
         "partition_key": dg.MetadataValue.text(record.partition_key),
         "backup_id": dg.MetadataValue.text(record.backup_id),
         "targets": dg.MetadataValue.text(", ".join(
@@ -172,17 +187,32 @@ def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
             report.preflight.objects_identical),
         "preflight_s": dg.MetadataValue.float(round(report.preflight.duration_s, 3)),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
-    })
-    return {"partition_key": record.partition_key, "backup_id": record.backup_id,
-            "matches_snapshot": report.matches_snapshot,
-            "comparison": report.comparison.to_dict(),
-            "preflight": report.preflight.to_dict(),
-            "buckets": {b.source_bucket: {
-                "target": b.target_bucket, "in_snapshot": b.in_snapshot,
-                "restored": b.restored, "skipped_identical": b.skipped_identical,
-                "tags_corrected": b.tags_corrected, "removed": b.removed,
-                "bytes_restored": b.bytes_restored, "missing_after": b.missing_after}
-                for b in report.buckets}}
+    }
+    summary = {"partition_key": record.partition_key, "backup_id": record.backup_id,
+               "matches_snapshot": report.matches_snapshot,
+               "comparison": report.comparison.to_dict(),
+               "preflight": report.preflight.to_dict(),
+               "buckets": {b.source_bucket: {
+                   "target": b.target_bucket, "in_snapshot": b.in_snapshot,
+                   "restored": b.restored, "skipped_identical": b.skipped_identical,
+                   "tags_corrected": b.tags_corrected, "removed": b.removed,
+                   "bytes_restored": b.bytes_restored, "missing_after": b.missing_after}
+                   for b in report.buckets}}
+    return summary, metadata
+
+
+@dg.op(pool=POOL)
+def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
+                  repository: BackupRepositoryResource, minio: MinioResource) -> dict:
+    """Restore buckets of a MinIO snapshot, skipping identical objects (their tags corrected),
+    then compare every object of the target with the snapshot, field by field. A pre-flight
+    first checks the snapshot and every blob the restore will write (size and sha256); a
+    missing or damaged one fails the run before the target is changed at all."""
+    with retry_when_unreachable():
+        summary, metadata = run_restore(config, repository.open(), minio, context.log.info,
+                                        run_holder(context))
+    context.add_output_metadata(metadata)
+    return summary
 
 
 @dg.job(tags={"store": STORE, "kind": "restore"})

@@ -6,10 +6,13 @@ The WAL itself is received by a service outside Dagster (``python -m rag_backup
 wal-receiver``): Dagster runs are not long-running processes.
 """
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -24,6 +27,7 @@ from rag_backup.defs.common import (
     run_holder,
     verify_and_record,
 )
+from rag_backup.defs.freshness import cron_period, rpo_freshness
 from rag_backup.defs.partition_index import mark_partitions_deleted
 from rag_backup.defs.partitions import (
     DAILY_PARTITIONS,
@@ -40,7 +44,7 @@ from rag_backup.defs.resources import (
 )
 from rag_backup.engines.postgres import pitr
 from rag_backup.errors import IntegrityError, InvalidRequest
-from rag_backup.repository import LATEST
+from rag_backup.repository import LATEST, BackupRepository
 from rag_backup.repository.retention import RetentionDecision
 from rag_backup.repository.manifest import utcnow
 
@@ -53,6 +57,7 @@ LAG_ALERT_MINUTES = float(os.environ.get("RAG_PG_WAL_LAG_ALERT_MINUTES", "15") o
 WAL_SLOT = os.environ.get("RAG_PG_WAL_SLOT", "").strip() or "rag_backup"
 LAG_INTERVAL_S = 60
 WAL_WAIT_S = 600.0
+Log = Callable[[str], None]
 
 
 @dg.asset(partitions_def=DAILY_PARTITIONS, group_name=GROUP, kinds=KINDS, pool=POOL,
@@ -78,7 +83,8 @@ def postgres_base_backup(context: dg.AssetExecutionContext,
 
 
 @dg.asset(deps=[postgres_base_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP,
-          kinds=KINDS, pool=POOL, owners=["team:platform"])
+          kinds=KINDS, pool=POOL, owners=["team:platform"],
+          freshness_policy=rpo_freshness(cron_period(BASE_BACKUP_CRON, TIMEZONE)))
 def postgres_base_backup_verified(context: dg.AssetExecutionContext,
                                   repository: BackupRepositoryResource,
                                   postgres: PostgresResource) -> dg.MaterializeResult:
@@ -273,12 +279,13 @@ class RestorePostgresPitrConfig(dg.Config):
                                    "passed verification (not recommended).")
 
 
-@dg.op(pool=POOL)
-def restore_postgres_pitr(context: dg.OpExecutionContext, config: RestorePostgresPitrConfig,
-                          repository: BackupRepositoryResource,
-                          postgres: PostgresResource) -> dict:
-    """Recover PostgreSQL to a point in time (plan first: a refused target changes nothing)."""
-    repo = repository.open()
+def run_restore(config: RestorePostgresPitrConfig, repo: BackupRepository,
+                postgres: PostgresResource, log: Log, holder: str
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recovery of ``restore_postgres_pitr``, without Dagster (the job and the command line
+    both run it): plan first (a refused target changes nothing), then recover; returns the
+    summary (the op's output) and the run's metadata. ``holder`` names this writer in the
+    PostgreSQL lease, taken when the recovery replaces a data directory or a database."""
     target = pitr.PitrTarget.parse(config.target_time, config.target_lsn, config.target_name,
                                    config.timeline or None, config.inclusive)
     work = config.work_directory or os.environ.get("RAG_PG_PITR_WORK_DIR", "")
@@ -290,12 +297,15 @@ def restore_postgres_pitr(context: dg.OpExecutionContext, config: RestorePostgre
                      else None, confirm=config.confirm, slot=WAL_SLOT)
     into.check()
     chosen = pitr.plan(repo, target, allow_unverified=config.allow_unverified)
-    context.log.info(f"plan: base backup {chosen.base.partition_key} ({chosen.base.backup_id}, "
-                     f"consistent at {chosen.base_fp.consistent_at:%Y-%m-%d %H:%M:%S} UTC), "
-                     f"{len(chosen.segments)} WAL segment(s) on timeline {chosen.timeline}; "
-                     f"{chosen.reachable.describe()}")
-    report = pitr.restore(repo, chosen, into, server, timeout_s=postgres.timeout_s,
-                          log=context.log.info)
+    log(f"plan: base backup {chosen.base.partition_key} ({chosen.base.backup_id}, "
+        f"consistent at {chosen.base_fp.consistent_at:%Y-%m-%d %H:%M:%S} UTC), "
+        f"{len(chosen.segments)} WAL segment(s) on timeline {chosen.timeline}; "
+        f"{chosen.reachable.describe()}")
+    replaces = config.mode == "in_place" or (config.mode == "databases" and config.confirm)
+    lease = (repo.lease("postgres", holder, f"a point-in-time recovery ({config.mode})")
+             if replaces else contextlib.nullcontext())
+    with lease:
+        report = pitr.restore(repo, chosen, into, server, timeout_s=postgres.timeout_s, log=log)
     metadata = {
         "target": dg.MetadataValue.text(report.target),
         "reached_at": dg.MetadataValue.text(report.reached_at.isoformat()
@@ -320,8 +330,18 @@ def restore_postgres_pitr(context: dg.OpExecutionContext, config: RestorePostgre
         metadata.update(comparison_metadata(report.comparisons[database], prefix=f"{database}_"))
     if report.comparisons:
         metadata["matches_backup"] = dg.MetadataValue.bool(report.matches)
+    return report.to_dict(), metadata
+
+
+@dg.op(pool=POOL)
+def restore_postgres_pitr(context: dg.OpExecutionContext, config: RestorePostgresPitrConfig,
+                          repository: BackupRepositoryResource,
+                          postgres: PostgresResource) -> dict:
+    """Recover PostgreSQL to a point in time (plan first: a refused target changes nothing)."""
+    summary, metadata = run_restore(config, repository.open(), postgres, context.log.info,
+                                    run_holder(context))
     context.add_output_metadata(metadata)
-    return report.to_dict()
+    return summary
 
 
 @dg.job(tags={"store": "postgres", "kind": "restore"})

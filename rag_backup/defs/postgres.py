@@ -1,11 +1,15 @@
 """PostgreSQL: daily backup, its verification, retention, and the restore job."""
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.defs.freshness import rpo_freshness
 from rag_backup.defs.common import (
     RetentionConfig,
     StorePolicy,
@@ -13,13 +17,14 @@ from rag_backup.defs.common import (
     commit_backup,
     retry_when_unreachable,
     comparison_metadata,
+    run_holder,
     verify_and_record,
 )
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS, context_window
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.engines import postgres as engine
 from rag_backup.engines.postgres.pitr import backfill
-from rag_backup.repository import LATEST
+from rag_backup.repository import LATEST, BackupRepository
 from rag_backup.repository.manifest import utcnow
 
 STORE = engine.STORE
@@ -27,6 +32,7 @@ RETENTION = timedelta(days=30)
 GROUP = "postgres"
 KINDS = {"postgres"}
 POOL = "postgres"
+Log = Callable[[str], None]
 
 
 @dg.asset(partitions_def=DAILY_PARTITIONS, group_name=GROUP, kinds=KINDS, pool=POOL,
@@ -70,7 +76,8 @@ def counts(outcome: engine.BackupOutcome) -> dict[str, int]:
 
 
 @dg.asset(deps=[postgres_backup], partitions_def=DAILY_PARTITIONS, group_name=GROUP,
-          kinds=KINDS, pool=POOL, owners=["team:platform"])
+          kinds=KINDS, pool=POOL, owners=["team:platform"],
+          freshness_policy=rpo_freshness(timedelta(days=1)))
 def postgres_backup_verified(context: dg.AssetExecutionContext,
                              repository: BackupRepositoryResource,
                              postgres: PostgresResource) -> dg.MaterializeResult:
@@ -123,26 +130,33 @@ class RestorePostgresConfig(dg.Config):
                                    "passed verification (not recommended).")
 
 
-@dg.op(pool=POOL)
-def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConfig,
-                     repository: BackupRepositoryResource,
-                     postgres: PostgresResource) -> dict:
-    """Restore one database of a PostgreSQL backup, optionally with its roles, and compare the
-    restored copy with the backup before the target is touched."""
-    repo = repository.open()
+def restore_in_place(config: RestorePostgresConfig) -> bool:
+    """Whether the restore may replace a database of the configured server (a confirmed
+    target, or the source's own name): such a restore holds the store's writer lease."""
+    return bool(config.confirm) or config.target_database == config.source_database
+
+
+def run_restore(config: RestorePostgresConfig, repo: BackupRepository,
+                postgres: PostgresResource, log: Log, holder: str
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The restore of ``restore_postgres``, without Dagster (the job and the command line both
+    run it): returns the summary (the op's output) and the run's metadata. ``holder`` names
+    this writer in the store's lease, taken when the restore may replace a database."""
     record = repo.resolve(STORE, config.partition_key, require_verified=not config.allow_unverified)
     target = config.target_database or (
         f"{config.source_database[:30]}_restore_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}")
-    context.log.info(f"restoring {config.source_database!r} from backup {record.backup_id} "
-                     f"(partition {record.partition_key}) into {target!r}")
-    with retry_when_unreachable():  # staged: a retry starts from a new staging database
+    log(f"restoring {config.source_database!r} from backup {record.backup_id} "
+        f"(partition {record.partition_key}) into {target!r}")
+    lease = (repo.lease(STORE, holder, f"a restore into database {target!r}")
+             if restore_in_place(config) else contextlib.nullcontext())
+    with lease:
         report = engine.restore(
             repo, record, postgres.server(), source_database=config.source_database,
             target_database=target, confirm=config.confirm, jobs=config.jobs,
-            no_owner=config.no_owner, timeout_s=postgres.timeout_s, log=context.log.info,
+            no_owner=config.no_owner, timeout_s=postgres.timeout_s, log=log,
             restore_roles=config.restore_roles, update_existing_roles=config.update_existing_roles,
             accept_differences=config.accept_differences)
-    context.add_output_metadata({
+    metadata = {
         "partition_key": dg.MetadataValue.text(record.partition_key),
         "backup_id": dg.MetadataValue.text(record.backup_id),
         "target_database": dg.MetadataValue.text(report.target_database),
@@ -155,11 +169,25 @@ def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConf
         "roles_updated": dg.MetadataValue.json(report.roles_updated),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
         **comparison_metadata(report.comparison),
-    })
-    return {"target_database": report.target_database, "rows": report.rows,
-            "tables": report.tables, "backup_id": record.backup_id,
-            "matches_manifest": report.matches_manifest, "roles_created": report.roles_created,
-            "comparison": report.comparison.to_dict()}
+    }
+    summary = {"target_database": report.target_database, "rows": report.rows,
+               "tables": report.tables, "backup_id": record.backup_id,
+               "matches_manifest": report.matches_manifest, "roles_created": report.roles_created,
+               "comparison": report.comparison.to_dict()}
+    return summary, metadata
+
+
+@dg.op(pool=POOL)
+def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConfig,
+                     repository: BackupRepositoryResource,
+                     postgres: PostgresResource) -> dict:
+    """Restore one database of a PostgreSQL backup, optionally with its roles, and compare the
+    restored copy with the backup before the target is touched."""
+    with retry_when_unreachable():  # staged: a retry starts from a new staging database
+        summary, metadata = run_restore(config, repository.open(), postgres, context.log.info,
+                                        run_holder(context))
+    context.add_output_metadata(metadata)
+    return summary
 
 
 @dg.job(tags={"store": STORE, "kind": "restore"})

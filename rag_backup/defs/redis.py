@@ -1,30 +1,36 @@
 """Redis: hourly RDB backup, its verification, retention, and the restore job."""
 
+import contextlib
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from rag_backup.defs.freshness import rpo_freshness
 from rag_backup.defs.common import (
     RetentionConfig,
     StorePolicy,
     apply_retention,
     commit_backup,
     retry_when_unreachable,
+    run_holder,
     verify_and_record,
 )
 from rag_backup.defs.partitions import HOURLY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, RedisResource
 from rag_backup.engines import redis as engine
 from rag_backup.errors import InvalidRequest
-from rag_backup.repository import LATEST
+from rag_backup.repository import LATEST, BackupRepository
 
 STORE = engine.STORE
 RETENTION = timedelta(days=1)
 GROUP = "redis"
 KINDS = {"redis"}
 POOL = "redis"
+Log = Callable[[str], None]
 
 
 @dg.asset(partitions_def=HOURLY_PARTITIONS, group_name=GROUP, kinds=KINDS, pool=POOL,
@@ -51,7 +57,8 @@ def counts(outcome: engine.BackupOutcome) -> dict[str, int]:
 
 
 @dg.asset(deps=[redis_backup], partitions_def=HOURLY_PARTITIONS, group_name=GROUP,
-          kinds=KINDS, pool=POOL, owners=["team:platform"])
+          kinds=KINDS, pool=POOL, owners=["team:platform"],
+          freshness_policy=rpo_freshness(timedelta(hours=1)))
 def redis_backup_verified(context: dg.AssetExecutionContext,
                           repository: BackupRepositoryResource,
                           redis: RedisResource) -> dg.MaterializeResult:
@@ -118,11 +125,12 @@ def _target(config: RestoreRedisConfig, redis: RedisResource) -> engine.RedisSer
                               configured.username)
 
 
-@dg.op(pool=POOL)
-def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
-                  repository: BackupRepositoryResource, redis: RedisResource) -> dict:
-    """Restore a Redis backup by replay into a running server or as a file for a stopped one."""
-    repo = repository.open()
+def run_restore(config: RestoreRedisConfig, repo: BackupRepository, redis: RedisResource,
+                log: Log, holder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The restore of ``restore_redis``, without Dagster (the job and the command line both
+    run it): returns the summary (the op's output) and the run's metadata. ``holder`` names
+    this writer in the store's lease, taken by a destructive restore of the configured server
+    (flush or replace) and by a confirmed file placement."""
     record = repo.resolve(STORE, config.partition_key,
                           require_verified=not config.allow_unverified)
     metadata = {"partition_key": dg.MetadataValue.text(record.partition_key),
@@ -131,23 +139,30 @@ def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
     if config.mode == "file":
         if not config.data_dir:
             raise InvalidRequest("file mode needs data_dir: the stopped server's data directory")
-        placed = engine.place_rdb(repo, record, config.data_dir, filename=config.filename,
-                                  confirm=config.confirm, timeout_s=redis.timeout_s)
-        context.log.info(f"placed {placed.path} ({placed.keys} keys); moved aside: "
-                         f"{', '.join(placed.moved_aside) or 'nothing'}")
+        lease = (repo.lease(STORE, holder, f"placing an RDB into {config.data_dir}")
+                 if config.confirm else contextlib.nullcontext())
+        with lease:
+            placed = engine.place_rdb(repo, record, config.data_dir, filename=config.filename,
+                                      confirm=config.confirm, timeout_s=redis.timeout_s)
+        log(f"placed {placed.path} ({placed.keys} keys); moved aside: "
+            f"{', '.join(placed.moved_aside) or 'nothing'}")
         metadata.update({"path": dg.MetadataValue.path(placed.path),
                          "keys": dg.MetadataValue.int(placed.keys),
                          "moved_aside": dg.MetadataValue.text(", ".join(placed.moved_aside))})
-        context.add_output_metadata(metadata)
-        return {"mode": "file", "path": placed.path, "keys": placed.keys}
+        return {"mode": "file", "path": placed.path, "keys": placed.keys}, metadata
     if config.mode != "replay":
         raise InvalidRequest(f"mode must be 'replay' or 'file', not {config.mode!r}")
-    with retry_when_unreachable():  # a replay repeated is the same replay
+    target, configured = _target(config, redis), redis.server()
+    in_place = (config.flush or config.replace) and (
+        (target.host, target.port) == (configured.host, configured.port))
+    lease = (repo.lease(STORE, holder, f"a replay into {target.host}:{target.port}")
+             if in_place else contextlib.nullcontext())
+    with lease:  # a replay repeated is the same replay
         report = engine.replay(
-            repo, record, _target(config, redis), dbs=config.dbs or None,
+            repo, record, target, dbs=config.dbs or None,
             target_db=None if config.target_db < 0 else config.target_db,
             pattern=config.pattern, flush=config.flush, replace=config.replace,
-            confirm=config.confirm, timeout_s=redis.timeout_s, log=context.log.info)
+            confirm=config.confirm, timeout_s=redis.timeout_s, log=log)
     metadata.update({
         "target": dg.MetadataValue.text(report.target),
         "keys_restored": dg.MetadataValue.int(report.restored),
@@ -156,12 +171,23 @@ def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
         "matches_manifest": dg.MetadataValue.bool(report.matches_manifest),
         "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
     })
+    summary = {"mode": "replay", "target": report.target, "keys_restored": report.restored,
+               "matches_manifest": report.matches_manifest,
+               "dbs": {d.db: {"restored": d.restored, "existing": d.skipped_existing,
+                              "expired": d.skipped_expired, "in_backup": d.in_backup}
+                       for d in report.dbs}}
+    return summary, metadata
+
+
+@dg.op(pool=POOL)
+def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
+                  repository: BackupRepositoryResource, redis: RedisResource) -> dict:
+    """Restore a Redis backup by replay into a running server or as a file for a stopped one."""
+    with retry_when_unreachable():  # a replay repeated is the same replay
+        summary, metadata = run_restore(config, repository.open(), redis, context.log.info,
+                                        run_holder(context))
     context.add_output_metadata(metadata)
-    return {"mode": "replay", "target": report.target, "keys_restored": report.restored,
-            "matches_manifest": report.matches_manifest,
-            "dbs": {d.db: {"restored": d.restored, "existing": d.skipped_existing,
-                           "expired": d.skipped_expired, "in_backup": d.in_backup}
-                    for d in report.dbs}}
+    return summary
 
 
 @dg.job(tags={"store": STORE, "kind": "restore"})
