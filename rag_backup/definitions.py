@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from rag_backup.defs import automation, milvus, minio, pitr, postgres, recovery, redis
+from rag_backup.defs import automation, catalog, milvus, minio, pitr, postgres, recovery, redis
 from rag_backup.defs.resources import default_resources
 
 STORES = [postgres, redis, milvus, minio]
@@ -12,5 +12,6 @@ defs = dg.Definitions.merge(
     automation.build_defs([store.POLICY for store in STORES]),
     recovery.defs,
     pitr.defs,
+    catalog.defs,
     dg.Definitions(resources=default_resources()),
 )

@@ -46,7 +46,8 @@ def private_schema_problems() -> list[str]:
 
 
 def mark_partitions_deleted(instance: dg.DagsterInstance, asset_keys: tuple[dg.AssetKey, ...],
-                            deleted: list[RetentionDecision]) -> None:
+                            deleted: list[RetentionDecision],
+                            cause: str = "deleted by retention") -> None:
     """Make the UI stop presenting deleted backups as present.
 
     Storages that can wipe single partitions (Dagster+) do so; Dagster OSS's SQL storages get the
@@ -62,7 +63,7 @@ def mark_partitions_deleted(instance: dg.DagsterInstance, asset_keys: tuple[dg.A
         for d in deleted:
             instance.report_runless_asset_event(dg.AssetObservation(
                 asset_key=key, partition=d.partition_key,
-                description=f"backup {d.backup_id} deleted by retention: {d.reason}",
+                description=f"backup {d.backup_id} {cause}: {d.reason}",
                 metadata={"present": dg.MetadataValue.bool(False),
                           "backup_id": dg.MetadataValue.text(d.backup_id),
                           "deleted_because": dg.MetadataValue.text(d.reason)}))
