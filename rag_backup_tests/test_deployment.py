@@ -79,7 +79,7 @@ KNOWN_DEFAULT_SECRETS = {"minioadmin", "milvus", "password", "postgres", "change
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN")
 # Standard variables that libraries honour (a private CA for TLS to MinIO/S3), not settings of
 # rag_backup: unset by default; docs/deployment.md says how to add them when needed.
-PLATFORM_VARIABLES = {"SSL_CERT_FILE", "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "PATH"}
+PLATFORM_VARIABLES = {"SSL_CERT_FILE", "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "PATH", "COLUMNS"}
 
 
 # -- reading the files ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ module reads config and resources, calls it and reports metadata.
   drill fails (as an observation of the asset).
 """
 
+from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup import consistency, recovery
-from rag_backup.defs.common import comparison_metadata
+from rag_backup.defs.common import comparison_metadata, run_holder
 from rag_backup.defs.partitions import SCHEDULE_STATUS
 from rag_backup.defs.resources import (
     BackupRepositoryResource,
@@ -124,16 +125,21 @@ def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
     if config.dry_run:
         context.add_output_metadata(metadata)
         return summary
-    results = recovery.restore_all(
-        repo, store_recoveries(postgres, redis, minio, milvus,
-                               databases=config.postgres_databases,
-                               scratch_dir=config.scratch_dir,
-                               point=plan.point if config.point_in_time and config.postgres_pitr
-                               else None),
-        chosen, production=config.into_production,
-        confirm={"postgres": config.postgres_confirm, "redis": config.redis_confirm,
-                 "minio": config.minio_confirm, "milvus": config.milvus_confirm},
-        accept_differences=config.accept_differences, log=context.log.info)
+    with ExitStack() as held:
+        if config.into_production:  # one writer per store: the command line waits meanwhile
+            for store in chosen:
+                held.enter_context(repo.lease(store, run_holder(context),
+                                              "a restore of every store into production"))
+        results = recovery.restore_all(
+            repo, store_recoveries(postgres, redis, minio, milvus,
+                                   databases=config.postgres_databases,
+                                   scratch_dir=config.scratch_dir,
+                                   point=plan.point if config.point_in_time
+                                   and config.postgres_pitr else None),
+            chosen, production=config.into_production,
+            confirm={"postgres": config.postgres_confirm, "redis": config.redis_confirm,
+                     "minio": config.minio_confirm, "milvus": config.milvus_confirm},
+            accept_differences=config.accept_differences, log=context.log.info)
     for r in results:
         metadata.update(store_metadata(r))
     summary["restored"] = {r.store: {"target": r.target, "seconds": r.seconds,

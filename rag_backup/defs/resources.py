@@ -188,6 +188,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             s3_endpoint=optional_env("RAG_S3_ENDPOINT"),
             s3_access_key=optional_env("RAG_S3_ACCESS_KEY"),
             s3_secret_key=optional_env("RAG_S3_SECRET_KEY"),
+            s3_region=optional_env("RAG_S3_REGION") or "us-east-1",
         ),
         "postgres": PostgresResource(
             host=dg.EnvVar("RAG_PG_HOST"),
@@ -195,6 +196,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             user=dg.EnvVar("RAG_PG_USER"),
             password=optional_env("RAG_PG_PASSWORD") or "",
             databases=optional_env("RAG_PG_DATABASES") or "",
+            bin_dir=optional_env("RAG_PG_BIN_DIR"),
         ),
         "milvus": MilvusResource(
             uri=dg.EnvVar("RAG_MILVUS_URI"),

@@ -382,13 +382,14 @@ class FilesystemBackend:
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
-        """An exclusive flock on ``<key>.lock`` beside ``key``: compare-and-swap on one file."""
+        """An exclusive flock on the directory holding ``key`` (no lock file is left behind):
+        compare-and-swap on the files in it."""
         import fcntl
 
-        lock = self._path(key).with_name(self._path(key).name + ".lock")
+        directory = self._path(key).parent
         with self._op("lock", key):
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -7,12 +7,14 @@ when it took the lease and when the lease expires. Taking it is one conditional 
 or expired and unchanged since read), so two writers can never both hold it; a writer that finds
 it held is refused with ``StoreBusy`` naming the holder. The holder renews it in the background
 (every third of its time to live); a holder that crashed stops renewing, and its lease expires
-after ``ttl`` (default 10 minutes, ``RAG_BACKUP_LEASE_TTL_S``). Readers (listing, verification,
-scratch restores) take none.
+after ``ttl`` (default 10 minutes, ``RAG_BACKUP_LEASE_TTL_S``), at once if its process is gone
+from this host; the same holder retrying in the same process takes it back. Readers (listing,
+verification, scratch restores) take none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,10 +27,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from rag_backup.errors import InvalidRequest, StoreBusy
-from rag_backup.repository.backends import Backend
+from rag_backup.repository.backends import Backend, cleanup_after
 from rag_backup.repository.manifest import _aware, utcnow
 
 LEASE_PREFIX = "leases"
+# Tokens of the leases this process released, also those whose record it could not delete.
+_RELEASED: set[str] = set()
 DEFAULT_TTL = timedelta(minutes=10)
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,23 @@ class LeaseRecord:
     token: str
     acquired_at: datetime
     expires_at: datetime
+    host: str = ""
+    pid: int = 0
+
+    def gone_or_ours(self, holder: str) -> bool:
+        """Its holder process is gone (same host, no such pid), or it is this very holder
+        again (a retry of the same run in the same process): it may be taken at once."""
+        if self.host != socket.gethostname() or not self.pid:
+            return False
+        if self.pid == os.getpid():
+            return self.holder == holder
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -75,7 +96,8 @@ class LeaseRecord:
             doc = json.loads(data)
             return cls(doc["store"], doc["holder"], doc["purpose"], doc["token"],
                        _aware(doc["acquired_at"], "acquired_at"),
-                       _aware(doc["expires_at"], "expires_at"))
+                       _aware(doc["expires_at"], "expires_at"), str(doc.get("host", "")),
+                       int(doc.get("pid", 0)))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -109,8 +131,7 @@ class Lease:
                 log.warning(f"renewing the {self.record.store} lease failed: {exc}")
 
     def renew(self) -> None:
-        renewed = LeaseRecord(self.record.store, self.record.holder, self.record.purpose,
-                              self.record.token, self.record.acquired_at, utcnow() + self.ttl)
+        renewed = dataclasses.replace(self.record, expires_at=utcnow() + self.ttl)
         raw = renewed.to_json()
         if self.backend.put_if(self.key, raw, self._raw):
             self.record, self._raw = renewed, raw
@@ -121,6 +142,9 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        # Whatever the delete below does (the repository may be away), this process no longer
+        # uses the lease: its next writer of the store takes it over at once.
+        _RELEASED.add(self.record.token)
         if self.lost is None:
             self.backend.delete_if(self.key, self._raw)
 
@@ -131,7 +155,8 @@ def acquire(backend: Backend, store: str, holder: str, purpose: str,
     ttl = ttl or default_ttl()
     key = f"{LEASE_PREFIX}/{store}.json"
     now = utcnow()
-    record = LeaseRecord(store, holder, purpose, uuid.uuid4().hex, now, now + ttl)
+    record = LeaseRecord(store, holder, purpose, uuid.uuid4().hex, now, now + ttl,
+                         socket.gethostname(), os.getpid())
     raw = record.to_json()
     current = backend.read_bytes(key)
     if current is None:
@@ -139,13 +164,15 @@ def acquire(backend: Backend, store: str, holder: str, purpose: str,
             return Lease(backend, record, raw, ttl)
         current = backend.read_bytes(key)
     held = LeaseRecord.from_json(current) if current is not None else None
-    if held is not None and held.expires_at > now:
+    if held is not None and held.expires_at > now and not held.gone_or_ours(holder) \
+            and held.token not in _RELEASED:
         raise StoreBusy(f"{store} is busy: {held.describe()}; try again when it is done "
                         f"(a holder that died releases the lease when it expires)")
     # Absent now, expired or unreadable: replace exactly what we read, nobody else's.
     if backend.put_if(key, raw, current):
-        if held is not None:
-            log.warning(f"took over the expired {store} lease of {held.holder}")
+        if held is not None and held.holder != holder:
+            log.warning(f"took over the {store} lease of {held.holder} (expired, or its "
+                        "process is gone)")
         return Lease(backend, record, raw, ttl)
     again = LeaseRecord.from_json(backend.read_bytes(key) or b"")
     raise StoreBusy(f"{store} is busy: "
@@ -159,8 +186,12 @@ def held(backend: Backend, store: str, holder: str, purpose: str,
     lease = acquire(backend, store, holder, purpose, ttl)
     try:
         yield lease
-    finally:
-        lease.release()
+    except BaseException as exc:
+        # The block's error is the news: a repository that went away cannot take the lease
+        # back either; it expires, or this holder's retry takes it over.
+        cleanup_after(exc, f"releasing the {store} lease", lease.release)
+        raise
+    lease.release()
 
 
 def current(backend: Backend, store: str) -> LeaseRecord | None:
