@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent), start and seed the embedded local stack, back up, verify and apply
-# retention for today's partition, then serve the Dagster UI on http://127.0.0.1:${PORT:-3000}.
+# Set up (idempotent), start and seed the embedded local stack (with the WAL receiver), back up,
+# verify and apply retention for the current partition of every store, print what was backed
+# up, then serve the Dagster UI on http://127.0.0.1:${PORT:-3000}.
 # Ctrl-C stops the UI; `.venv/bin/python -m rag_backup.devstack down` stops the stores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,18 +11,32 @@ bash scripts/setup.sh
 eval "$(.venv/bin/python -m rag_backup.devstack env)"
 mkdir -p "$DAGSTER_HOME"
 cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+logs="$(dirname "$DAGSTER_HOME")/logs"
+mkdir -p "$logs"
 
 today="$(date -u +%Y-%m-%d)"
 hour="$(date -u +%Y-%m-%d-%H):00"
-echo "demo: backing up, verifying and applying retention for PostgreSQL, Milvus and MinIO ($today), Redis ($hour)"
-.venv/bin/dagster asset materialize -m rag_backup.definitions \
-  --select 'group:postgres' --partition "$today"
-.venv/bin/dagster asset materialize -m rag_backup.definitions \
-  --select 'group:redis' --partition "$hour"
-.venv/bin/dagster asset materialize -m rag_backup.definitions \
-  --select 'group:minio' --partition "$today"
-.venv/bin/dagster asset materialize -m rag_backup.definitions \
-  --select 'group:milvus' --partition "$today"
+# dg launch: Dagster's command to launch a run of assets (each run's full event log goes to
+# $logs/demo-<group>.log; a failure prints its end).
+launch() {  # group partition
+  local log="$logs/demo-$1.log"
+  if .venv/bin/dg launch --assets "group:$1" --partition "$2" >"$log" 2>&1; then
+    echo "demo: $1 ($2) backed up, verified, retention applied"
+  else
+    echo "demo: $1 ($2) FAILED; the end of $log:" >&2
+    tail -n 40 "$log" >&2
+    return 1
+  fi
+}
+echo "demo: backing up every store (runs logged under $logs)"
+launch postgres "$today"
+launch postgres_pitr "$today"
+launch redis "$hour"
+launch minio "$today"
+launch milvus "$today"
 
+echo
+.venv/bin/rag-backup list
+echo
 echo "demo: serving the Dagster UI on http://127.0.0.1:${PORT:-3000} (Ctrl-C to stop)"
-exec .venv/bin/dagster dev -m rag_backup.definitions -h 127.0.0.1 -p "${PORT:-3000}"
+exec .venv/bin/dg dev -h 127.0.0.1 -p "${PORT:-3000}"
