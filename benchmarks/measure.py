@@ -155,6 +155,25 @@ def run_measured(argv: Sequence[str], *, what: str, timeout_s: float,
                         sampler.peak_proc_bytes, sampler.samples, stdout)
 
 
+RECORDED_PACKAGES = ("dagster", "psycopg2-binary", "redis", "hiredis", "boto3", "minio",
+                     "pymilvus", "pyarrow", "zstandard")
+
+
+def versions() -> dict[str, str]:
+    """The Python and package versions a benchmark ran with (constraints.txt pins them), so a
+    result can be told apart from a drifted install."""
+    import importlib.metadata
+    import platform
+
+    found = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def bench_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace, Path], dict],
                render: Callable[[dict], str], *, prefix: str) -> int:
     """The command line every store benchmark shares: ``--json FILE`` and ``--keep`` added to
@@ -169,7 +188,9 @@ def bench_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespac
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    report.setdefault("versions", versions())
     print(render(report))
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

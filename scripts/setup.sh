@@ -41,10 +41,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.rag-backup-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   timeout 1800 .venv/bin/python -m pip install -q --upgrade pip
-  timeout 1800 .venv/bin/python -m pip install -q -e '.[dev]'
+  # The pinned versions (constraints.txt): what the tests and benchmarks ran with.
+  timeout 1800 .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   echo "$want" > "$stamp"
 fi
 echo "setup: ready ($(.venv/bin/python --version), $(.venv/bin/dagster --version 2>/dev/null | head -1))"
