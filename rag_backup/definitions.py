@@ -7,11 +7,16 @@ from rag_backup.defs.resources import default_resources
 
 STORES = [postgres, redis, milvus, minio]
 
+# Every job runs its steps in the run's own process: a store's chain (backup, verification,
+# retention) is sequential anyway, and a new process per step cost ~5 s each. A run is still
+# one process (a container with the Docker run launcher), so a crash takes one run, no more.
+EXECUTOR = dg.in_process_executor
+
 defs = dg.Definitions.merge(
     *(store.defs for store in STORES),
     automation.build_defs([store.POLICY for store in STORES]),
     recovery.defs,
     pitr.defs,
     catalog.defs,
-    dg.Definitions(resources=default_resources()),
+    dg.Definitions(resources=default_resources(), executor=EXECUTOR),
 )

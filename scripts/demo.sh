@@ -16,24 +16,26 @@ mkdir -p "$logs"
 
 today="$(date -u +%Y-%m-%d)"
 hour="$(date -u +%Y-%m-%d-%H):00"
-# dg launch: Dagster's command to launch a run of assets (each run's full event log goes to
-# $logs/demo-<group>.log; a failure prints its end).
-launch() {  # group partition
-  local log="$logs/demo-$1.log"
-  if .venv/bin/dg launch --assets "group:$1" --partition "$2" >"$log" 2>&1; then
-    echo "demo: $1 ($2) backed up, verified, retention applied"
+# dg launch: Dagster's command to launch a run (each run's full event log goes to
+# $logs/demo-<job>.log; a failure prints its end). Steps run in the run's process.
+launch() {  # job partition
+  local log="$logs/demo-$1.log" started=$SECONDS
+  if .venv/bin/dg launch --job "$1" --partition "$2" >"$log" 2>&1; then
+    echo "demo: $1 ($2) done in $((SECONDS - started)) s"
   else
     echo "demo: $1 ($2) FAILED; the end of $log:" >&2
     tail -n 40 "$log" >&2
     return 1
   fi
 }
-echo "demo: backing up every store (runs logged under $logs)"
-launch postgres "$today"
-launch postgres_pitr "$today"
-launch redis "$hour"
-launch minio "$today"
-launch milvus "$today"
+echo "demo: backing up, verifying and applying retention for every store (runs logged under $logs)"
+cycle=$SECONDS
+launch postgres_backup_job "$today"
+launch postgres_pitr_job "$today"
+launch redis_backup_job "$hour"
+launch minio_backup_job "$today"
+launch milvus_backup_job "$today"
+echo "demo: the daily cycle of every store took $((SECONDS - cycle)) s"
 
 echo
 .venv/bin/rag-backup list
