@@ -17,6 +17,7 @@ parseable (English messages, UTC times, a known line prefix).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -39,6 +40,7 @@ from rag_backup.proc import run, tail
 DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
 HOST = "127.0.0.1"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, minus "/.s.PGSQL.NNNNN"
+SHORT_SOCKET_ROOT = Path("/tmp")
 POLL_S = 0.25
 BIND_ATTEMPTS = 3
 LOG_TAIL_CHARS = 1500
@@ -257,13 +259,10 @@ class PgInstance:
             raise InvalidRequest(f"only root can run PostgreSQL as {name!r} (we are "
                                  f"{_current_user()!r}); pass os_user=None")
         self.log_path = Path(log_path or self.data_dir.parent / "postgres.log").absolute()
-        self.socket_dir = self.data_dir.parent / "run"
+        self.socket_dir = socket_dir_for(self.data_dir)
         self._settings: dict[str, str] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
-        if len(str(self.socket_dir / ".s.PGSQL.65535")) > SOCKET_PATH_MAX:
-            raise InvalidRequest(f"the unix socket directory {self.socket_dir} is too long for "
-                                 "a socket path; put the data directory under a shorter one")
 
     def describe(self) -> str:
         return f"private PostgreSQL on {self.data_dir} ({HOST}:{self.port})"
@@ -466,6 +465,8 @@ class PgInstance:
             pass  # it did not stop in time (or pg_ctl could not tell): killed below
         if self.is_running():
             self._kill()
+        if self.socket_dir.parent == SHORT_SOCKET_ROOT and not self.is_running():
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def _kill(self) -> None:
         pid = self._proc.pid if self._proc is not None else self._postmaster_pid()
@@ -507,6 +508,18 @@ class PgInstance:
     def recovery_summary(self) -> RecoverySummary:
         """What the last recovery in this instance's log did (see ``parse_recovery_log``)."""
         return parse_recovery_log(self._log_text(since_start=False))
+
+
+def socket_dir_for(data_dir: Path) -> Path:
+    """Where an instance on ``data_dir`` keeps its unix socket: ``run/`` beside the data, or, when
+    that path is too long for a socket (108 bytes on Linux: deep work directories are), a short
+    directory under /tmp named after the data directory (the same for every ``PgInstance`` on
+    it, so a kept-running copy is found again)."""
+    beside = data_dir.parent / "run"
+    if len(str(beside / ".s.PGSQL.65535")) <= SOCKET_PATH_MAX:
+        return beside
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    return SHORT_SOCKET_ROOT / f"rag-pg-{digest}"
 
 
 def _current_user() -> str:
