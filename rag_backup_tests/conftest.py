@@ -100,3 +100,30 @@ def take_backup(repo: BackupRepository, store: str, partition: str,
             record.backup_id, True, utcnow(), run_id, checks))
         record = repo.get(store, partition)
     return outcome, record
+
+
+@pytest.fixture(scope="session")
+def s3_client(stack_env: dict[str, str]):
+    """A client of the stack's S3 server (tests of the repository's S3 backend)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack_env["RAG_S3_ENDPOINT"],
+                        aws_access_key_id=stack_env["RAG_S3_ACCESS_KEY"],
+                        aws_secret_access_key=stack_env["RAG_S3_SECRET_KEY"],
+                        region_name=stack_env.get("RAG_S3_REGION", "us-east-1"))
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def any_repo(request: pytest.FixtureRequest, tmp_path: Path) -> BackupRepository:
+    """An empty repository on each backend: a directory, and a new bucket of the stack's S3
+    server (a module using it names "s3" in STACK_SERVICES)."""
+    import uuid
+
+    from rag_backup.repository import FilesystemBackend, S3Backend
+
+    if request.param == "filesystem":
+        return BackupRepository(FilesystemBackend(tmp_path / "repo"))
+    client = request.getfixturevalue("s3_client")
+    bucket = f"repo-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    return BackupRepository(S3Backend(client, bucket, prefix="rag-backup"))

@@ -10,38 +10,18 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import boto3
 import dagster as dg
 import pytest
 
 from rag_backup.defs.common import retry_when_unreachable
 from rag_backup.errors import StoreBusy
-from rag_backup.repository import BackupRepository, FilesystemBackend, S3Backend
+from rag_backup.repository import BackupRepository, FilesystemBackend
 from rag_backup.repository import lease as lease_module
 
 STACK_SERVICES = ("s3",)
-
-
-@pytest.fixture(scope="module")
-def s3_client(stack_env):
-    return boto3.client("s3", endpoint_url=stack_env["RAG_S3_ENDPOINT"],
-                        aws_access_key_id=stack_env["RAG_S3_ACCESS_KEY"],
-                        aws_secret_access_key=stack_env["RAG_S3_SECRET_KEY"],
-                        region_name=stack_env.get("RAG_S3_REGION", "us-east-1"))
-
-
-@pytest.fixture(params=["filesystem", "s3"])
-def any_repo(request, tmp_path) -> BackupRepository:
-    if request.param == "filesystem":
-        return BackupRepository(FilesystemBackend(tmp_path / "repo"))
-    client = request.getfixturevalue("s3_client")
-    bucket = f"lease-{uuid.uuid4().hex[:10]}"
-    client.create_bucket(Bucket=bucket)
-    return BackupRepository(S3Backend(client, bucket, prefix="rag-backup"))
 
 
 def test_a_held_lease_refuses_a_second_writer_naming_the_holder(any_repo):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -23,7 +22,6 @@ from rag_backup.errors import (
 from rag_backup.repository import (
     BackupOutcome,
     BackupRepository,
-    FilesystemBackend,
     S3Backend,
     Verification,
     backend_from_url,
@@ -33,24 +31,6 @@ from rag_backup.repository.manifest import FORMAT_VERSION, PartitionWindow, utcn
 from rag_backup_tests.receivers import free_port
 
 STACK_SERVICES = ("s3",)  # the S3 backend's tests; the filesystem ones need no store
-
-
-@pytest.fixture(scope="session")
-def s3_client(stack_env):
-    return boto3.client("s3", endpoint_url=stack_env["RAG_S3_ENDPOINT"],
-                        aws_access_key_id=stack_env["RAG_S3_ACCESS_KEY"],
-                        aws_secret_access_key=stack_env["RAG_S3_SECRET_KEY"],
-                        region_name=stack_env.get("RAG_S3_REGION", "us-east-1"))
-
-
-@pytest.fixture(params=["filesystem", "s3"])
-def any_repo(request, tmp_path) -> BackupRepository:
-    if request.param == "filesystem":
-        return BackupRepository(FilesystemBackend(tmp_path / "repo"))
-    s3_client = request.getfixturevalue("s3_client")
-    bucket = f"repo-{uuid.uuid4().hex[:10]}"
-    s3_client.create_bucket(Bucket=bucket)
-    return BackupRepository(S3Backend(s3_client, bucket, prefix="rag-backup"))
 
 
 def write_backup(repo: BackupRepository, partition: str, payload: bytes, name: str = "data.bin"):
