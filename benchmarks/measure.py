@@ -46,7 +46,7 @@ def _session_of(pid: str) -> int | None:
     return int(stat[stat.rindex(b")") + 2:].split()[3])
 
 
-def _memory_kb(pid: str) -> tuple[int, int]:
+def _memory_kb(pid: str | int) -> tuple[int, int]:
     """``(VmRSS, VmHWM)`` of a process in kB; zeros once it is gone (or for kernel threads)."""
     rss = hwm = 0
     try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from measure import SAMPLE_INTERVAL_S, log
+from measure import _memory_kb as memory_kb
 
 from rag_backup.engines.postgres import PostgresServer
 from rag_backup.proc import run, tail
@@ -129,21 +130,6 @@ def _stat(pid: str) -> tuple[str, int, int] | None:
     comm = raw[raw.index(b"(") + 1:close].decode(errors="replace")
     fields = raw[close + 2:].split()
     return comm, int(fields[1]), int(fields[3])
-
-
-def memory_kb(pid: str | int) -> tuple[int, int]:
-    """``(VmRSS, VmHWM)`` in kB; zeros once the process is gone."""
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith(b"VmHWM:"):
-                    hwm = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return rss, hwm
 
 
 def cmdline(pid: str | int) -> str:
