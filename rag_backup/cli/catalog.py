@@ -13,7 +13,7 @@ import click
 
 from rag_backup.cli import environment, output
 from rag_backup.cli.stores import STORES
-from rag_backup.errors import BackupNotFound, ConcurrentBackup
+from rag_backup.errors import BackupNotFound
 from rag_backup.repository import (
     LATEST,
     BackupRecord,
@@ -258,19 +258,13 @@ def take(repo: BackupRepository, store: str, key: str, run_id: str) -> BackupRec
     part = window(store, key)
     ensure_within_window(store, key, start=part.start, now=utcnow(), window=ops.retention)
     connection = environment.resource(ops.resource)
-    with repo.lease(store, environment.holder("backup"), f"the backup of partition {key}"), \
-            repo.begin(store, key, run_id, window=part) as pending:
+
+    def backup(pending):
         output.log(f"{store} partition {key}: backup {pending.backup_id} started")
         with output.progress_display():
-            outcome = ops.take(connection, repo, pending, part, output.log)
-        manifest = pending.commit(outcome)
-    record = repo.get(store, key)
-    if record is None or record.backup_id != manifest.backup_id:
-        raise ConcurrentBackup(f"{store} partition {key}: backup {manifest.backup_id} was "
-                               "committed but the repository now holds "
-                               f"{record.backup_id if record else 'nothing'} for it: another "
-                               "writer replaced or deleted it at once")
-    return record
+            return ops.take(connection, repo, pending, part, output.log)
+
+    return repo.take(store, key, run_id, environment.holder("backup"), backup, window=part)[1]
 
 
 @click.command("backup")

@@ -102,20 +102,9 @@ def commit_backup(context: dg.AssetExecutionContext, repo: BackupRepository, sto
     partition = context_window(context)  # recorded in the manifest
     ensure_within_window(store, key, start=partition.start, now=utcnow(), window=window)
     with retry_when_unreachable():
-        with repo.lease(store, run_holder(context), f"the backup of partition {key}"), \
-                repo.begin(store, key, context.run.run_id, window=partition) as pending:
-            outcome = take(pending)
-            manifest = pending.commit(outcome)
-        record = repo.get(store, key)
-    if record is None or record.backup_id != manifest.backup_id:
-        raise RepositoryError(f"{store} partition {key}: backup {manifest.backup_id} was "
-                              "committed but the repository now holds "
-                              f"{record.backup_id if record else 'nothing'} for it: another "
-                              "writer replaced or deleted it at once; check for a second "
-                              "instance running this job", operation="commit",
-                              location=repo.backend.location(f"{store}/{key}"), store=store,
-                              partition=key)
-    metadata = backup_metadata(manifest, record.location, **counts(outcome))
+        outcome, record = repo.take(store, key, context.run.run_id, run_holder(context), take,
+                                    window=partition)
+    metadata = backup_metadata(record.manifest, record.location, **counts(outcome))
     metadata["server_version"] = dg.MetadataValue.text(outcome.server_version)
     return dg.MaterializeResult(metadata=metadata)
 

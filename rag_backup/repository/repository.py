@@ -385,6 +385,25 @@ class BackupRepository:
         if not pending.committed:
             pending.abort()
 
+    def take(self, store: str, partition_key: str, run_id: str, holder: str,
+             backup: Callable[[PendingBackup], BackupOutcome], *,
+             window: PartitionWindow | None = None) -> tuple[BackupOutcome, BackupRecord]:
+        """A whole backup of one partition, as every writer (Dagster, the command line) takes
+        it: under the store's lease, ``backup`` (an engine's) into a pending backup, committed,
+        then read back. ``ConcurrentBackup`` if another writer replaced or deleted it at once."""
+        with self.lease(store, holder, f"the backup of partition {partition_key}"), \
+                self.begin(store, partition_key, run_id, window=window) as pending:
+            outcome = backup(pending)
+            manifest = pending.commit(outcome)
+        record = self.get(store, partition_key)
+        if record is None or record.backup_id != manifest.backup_id:
+            raise ConcurrentBackup(
+                f"{store} partition {partition_key}: backup {manifest.backup_id} was committed "
+                f"but the repository now holds {record.backup_id if record else 'nothing'} for "
+                "it: another writer replaced or deleted it at once; check for a second instance "
+                "or scheduler writing this store")
+        return outcome, record
+
     def in_progress(self, store: str, partition_key: str) -> list[PendingMarker]:
         """The in-progress markers of a partition (runs writing it now, or that died)."""
         part = f"{store}/{safe_key(partition_key)}"
