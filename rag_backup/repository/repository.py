@@ -326,7 +326,12 @@ class PendingBackup:
 class BackupRepository:
     """Every backup of every store, on one backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, crypto: Any = None) -> None:
+        # ``storage``: the files exactly as stored (ciphertext when encrypted), for copies
+        # between repositories; ``backend``: what every reader and writer uses (it encrypts
+        # and decrypts when ``crypto`` is set).
+        self.storage = backend
+        self.crypto = crypto
         self.backend = backend
         self.blobs = BlobStore(backend)  # content-addressed blobs, shared by every backup
         self.wal = WalStore(backend)  # PostgreSQL's archived write-ahead log
