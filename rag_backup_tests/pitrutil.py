@@ -201,11 +201,11 @@ def running_copy(report: PitrReport, credentials: PostgresServer) -> Iterator[Po
 
 
 # -- repositories --------------------------------------------------------------------------
-def copy_repository(source: Path, dest: Path) -> BackupRepository:
+def copy_repository(source: Path, dest: Path, crypto=None) -> BackupRepository:
     """A copy of a filesystem repository (a receiver may be writing into it: its temporary
-    files are skipped) to damage without touching the original."""
+    files are skipped) to damage without touching the original, opened with ``crypto``."""
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns(f"*{TMP_MARKER}*"))
-    return BackupRepository(FilesystemBackend(dest))
+    return BackupRepository(FilesystemBackend(dest), crypto)
 
 
 def _ppid(pid: int) -> int | None:

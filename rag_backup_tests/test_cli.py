@@ -1,9 +1,12 @@
 """The ``rag-backup`` command line against the real stores, run as the console script in a
-subprocess with only the ``RAG_*`` environment (no Dagster instance, no DAGSTER_HOME): one
-backup per store taken by the command itself and shared by the module's tests; listing,
-showing, verifying, restoring every store into a scratch target and reading the restored data
-back independently; refusals (exit 2, one line, no traceback); a damaged artifact (exit 1);
-restore-all; and the store lease held by another writer, or by a writer that was killed.
+subprocess with only the ``RAG_*`` environment (no Dagster instance, no DAGSTER_HOME), on an
+ENCRYPTED repository (``RAG_BACKUP_ENCRYPT_TO`` / ``RAG_BACKUP_IDENTITY``): one backup per store
+taken by the command itself and shared by the module's tests; listing, showing, verifying,
+restoring every store into a scratch target and reading the restored data back independently;
+refusals (exit 2, one line, no traceback); a damaged artifact (exit 1); restore-all; the store
+lease held by another writer, or by a writer that was killed; and encryption at rest: no
+plaintext of any store in the repository, the stock ``age`` tool decrypting an artifact,
+tampered manifests, missing and wrong identities, and key rotation (last: it changes the key).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import redis
 from pymilvus import MilvusClient
 
 from rag_backup.repository import BackupRepository, FilesystemBackend
+from rag_backup.repository.crypto import Identity
+from rag_backup.repository.sealed import Crypto
 from rag_backup.repository.lease import current
 from rag_backup_tests import pgutil
 
@@ -60,20 +65,35 @@ def repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo(repo_dir: Path) -> BackupRepository:
-    return BackupRepository(FilesystemBackend(repo_dir))
+def identity(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Path]:
+    """The repository's key, in an age identity file (what ``RAG_BACKUP_IDENTITY`` names)."""
+    key = Identity.generate()
+    path = tmp_path_factory.mktemp("keys") / "backup-key.txt"
+    path.write_text(f"# public key: {key.recipient}\n{key.encode()}\n")
+    path.chmod(0o600)
+    return key, path
 
 
 @pytest.fixture(scope="module")
-def env(stack_env: dict[str, str], repo_dir: Path) -> dict[str, str]:
+def repo(repo_dir: Path, identity: tuple[Identity, Path]) -> BackupRepository:
+    return BackupRepository(FilesystemBackend(repo_dir),
+                            Crypto([identity[0].recipient], [identity[0]]))
+
+
+@pytest.fixture(scope="module")
+def env(stack_env: dict[str, str], repo_dir: Path, identity: tuple[Identity, Path]
+        ) -> dict[str, str]:
     """The command's whole environment: the stack's RAG_* settings and the repository, small
-    selections of each store (other modules' data stays out), nothing of Dagster."""
+    selections of each store (other modules' data stays out), nothing of Dagster; backups
+    encrypted to the module's key."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("RAG_", "DAGSTER_")) and k != "COLUMNS"}
     return {**base, **{k: v for k, v in stack_env.items() if k != "DAGSTER_HOME"},
             "RAG_BACKUP_REPOSITORY": str(repo_dir), "RAG_PG_DATABASES": "ragqa",
             "RAG_MINIO_BUCKETS": "models",
-            "RAG_MILVUS_COLLECTIONS": "ministry_text,ministry_images"}
+            "RAG_MILVUS_COLLECTIONS": "ministry_text,ministry_images",
+            "RAG_BACKUP_ENCRYPT_TO": str(identity[0].recipient),
+            "RAG_BACKUP_IDENTITY": str(identity[1])}
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +345,8 @@ def test_a_backup_is_refused_while_another_writer_holds_the_lease(env, backups, 
 HOLDER = """
 import sys, time
 from rag_backup.repository import BackupRepository, FilesystemBackend
+from rag_backup.repository.crypto import Identity
+from rag_backup.repository.sealed import Crypto
 with BackupRepository(FilesystemBackend(sys.argv[1])).lease("redis", "doomed holder", "test"):
     print("held", flush=True)
     time.sleep(600)
@@ -383,3 +405,198 @@ def test_list_and_mapping_options_build_the_config_the_launchpad_would():
         build_config(RestoreRedisConfig, {"dbs": ("one",)})
     with pytest.raises(click.BadParameter):
         build_config(RestorePostgresPitrConfig, {"target_names": ("ragqa",)})
+
+
+# -- encryption at rest (the module's repository is encrypted) ---------------------------------
+
+def known_plaintexts(pg, stack_env: dict[str, str], s3) -> dict[str, bytes]:
+    """One value of each store's seeded data, read from the store itself: a document body
+    (PostgreSQL), an embedding's raw bytes (Redis, uncompressible, so the RDB holds them as
+    they are), a slice of a model file (MinIO) and a chunk's text (Milvus)."""
+    body = pgutil.execute(pg, "ragqa", "SELECT substr(body, 11, 40) FROM documents "
+                                       "ORDER BY length(body) DESC, id LIMIT 1")[0][0]
+    r = redis_db(stack_env, 1)
+    embedding = r.get(sorted(k for k in r.scan_iter("embedding:doc:*"))[0])
+    models = objects(s3, "models")
+    model = max(models, key=models.get)
+    blob = s3.get_object(Bucket="models", Key=model, Range="bytes=1000-1047")["Body"].read()
+    client = MilvusClient(uri=stack_env["RAG_MILVUS_URI"], timeout=60)
+    try:
+        rows = client.query("ministry_text", filter="id >= 0", output_fields=["text"], limit=50)
+    finally:
+        client.close()
+    text = max((row["text"] for row in rows), key=len)
+    return {"postgres": body.encode(), "redis": embedding[64:112], "minio": blob,
+            "milvus": text[:40].encode()}
+
+
+def plaintext_views(data: bytes) -> list[bytes]:
+    """The bytes as stored, and what an attacker gets by decompressing or decoding them."""
+    import io
+
+    import pyarrow.parquet as pq
+    import zstandard
+
+    views = [data]
+    if data.startswith(b"\x28\xb5\x2f\xfd"):  # a zstd frame
+        views.append(zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read())
+    if data.startswith(b"PAR1"):
+        table = pq.read_table(io.BytesIO(data))
+        views += [str(v).encode() for c in table.columns if str(c.type) in ("string",
+                  "large_string") for v in c.to_pylist()]
+    return views
+
+
+def test_an_encrypted_repository_holds_no_plaintext_of_any_store(backups, repo, repo_dir, pg,
+                                                                  stack_env, s3):
+    canaries = known_plaintexts(pg, stack_env, s3)
+    stored = [p for p in repo_dir.rglob("*") if p.is_file()]
+    assert len(stored) > 20
+    for path in stored:  # every byte of every file: artifacts, blobs, headers, records
+        for view in plaintext_views(path.read_bytes()):
+            for store, canary in canaries.items():
+                assert canary not in view, f"{store} plaintext in {path}"
+    # the control: read through the repository with the key, each value IS in the backups
+    found = set()
+    for path in stored:
+        key = path.relative_to(repo_dir).as_posix()
+        if key.endswith(".age") or ".tmp-" in key:
+            continue
+        for view in plaintext_views(repo.backend.read_bytes(key) or b""):
+            found |= {store for store, canary in canaries.items() if canary in view}
+    assert found == set(canaries)
+    headers = [p for p in stored if p.name.endswith(".age")]
+    assert headers and all(p.read_bytes().startswith(b"age-encryption.org/v1\n")
+                           for p in headers)
+    manifest = json.loads((repo_dir / "minio" / backups["minio"]["partition"] /
+                           "manifest.json").read_bytes())
+    assert manifest["fingerprint"] == {} and manifest["sealed"]  # counts sealed; names stay
+
+
+def test_an_artifact_decrypts_with_the_stock_age_tool(backups, repo, repo_dir, identity):
+    record = repo.get("postgres", backups["postgres"]["partition"])
+    artifact = record.manifest.artifacts[0]
+    payload = repo_dir / "postgres" / record.partition_key / record.backup_id / artifact.path
+    age_file = payload.read_bytes()
+    header = Path(f"{payload}.age").read_bytes()
+    done = subprocess.run(["age", "-d", "-i", str(identity[1])], input=header + age_file,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    import hashlib
+    assert hashlib.sha256(done.stdout).hexdigest() == artifact.sha256
+    assert len(done.stdout) == artifact.size and age_file[:4] != done.stdout[:4]
+
+
+def test_a_tampered_manifest_is_refused_by_verify_and_restore(env, backups, repo_dir):
+    doc = backups["redis"]
+    path = repo_dir / "redis" / doc["partition"] / "manifest.json"
+    original = path.read_bytes()
+    manifest = json.loads(original)
+    manifest["artifacts"][0]["size"] += 1  # a clear field: not what the backup wrote
+    path.write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    try:
+        line = one_error_line(rag_backup(env, "verify", "redis", doc["partition"]), 1)
+        assert "tampered" in line and "manifest" in line
+        line = one_error_line(rag_backup(env, "restore", "redis", "--partition-key",
+                                         doc["partition"], "--dbs", "1", "--target-db", "9"), 1)
+        assert "tampered" in line
+        rows = json.loads(ok(rag_backup(env, "list", "redis", "--json")).stdout)
+        assert [r["verified"] for r in rows] == ["DAMAGED"]
+        manifest = json.loads(original)
+        manifest["sealed"] = manifest["sealed"][:-8] + "AAAAAAA="  # the sealed part itself
+        path.write_bytes(json.dumps(manifest).encode())
+        assert "tampered" in one_error_line(rag_backup(env, "verify", "redis",
+                                                       doc["partition"]), 1)
+        manifest = json.loads(original)
+        del manifest["sealed"], manifest["encryption"]  # replaced by a clear one
+        manifest["fingerprint"] = {"keys": 1}
+        path.write_bytes(json.dumps(manifest).encode())
+        assert "not sealed" in one_error_line(rag_backup(env, "verify", "redis",
+                                                         doc["partition"]), 1)
+    finally:
+        path.write_bytes(original)
+    ok(rag_backup(env, "verify", "redis", doc["partition"]))
+
+
+def test_a_restore_without_or_with_a_wrong_identity_fails_and_changes_nothing(env, backups,
+                                                                              stack_env,
+                                                                              tmp_path):
+    scratch = redis_db(stack_env, 9)
+    scratch.flushdb()
+    scratch.set("sentinel", "kept")
+    target = f"{stack_env['RAG_REDIS_HOST']}:{stack_env['RAG_REDIS_PORT']}/9"
+    restore = ("restore", "redis", "--dbs", "1", "--target-db", "9", "--flush", "--confirm",
+               target)
+    wrong = tmp_path / "other-key.txt"
+    wrong.write_text(Identity.generate().encode() + "\n")
+    try:
+        missing = {k: v for k, v in env.items() if k != "RAG_BACKUP_IDENTITY"}
+        line = one_error_line(rag_backup(missing, *restore), 2)
+        assert "RAG_BACKUP_IDENTITY" in line
+        line = one_error_line(rag_backup({**env, "RAG_BACKUP_IDENTITY": str(wrong)},
+                                         *restore), 2)
+        assert "not encrypted to the configured identity" in line
+        assert scratch.dbsize() == 1 and scratch.get("sentinel") == b"kept"
+        assert "AGE-SECRET-KEY" not in line
+    finally:
+        scratch.flushdb()
+
+
+def test_backups_taken_before_encryption_stay_readable(env, stack_env, tmp_path):
+    plain_env = {k: v for k, v in env.items()
+                 if k not in ("RAG_BACKUP_ENCRYPT_TO", "RAG_BACKUP_IDENTITY")}
+    plain_env["RAG_BACKUP_REPOSITORY"] = str(tmp_path / "repository")
+    from datetime import datetime, timedelta, timezone
+    hour = (datetime.now(timezone.utc) - timedelta(hours=2)).strftime("%Y-%m-%d-%H:00")
+    ok(rag_backup(plain_env, "backup", "redis", "--partition", hour, "--verify"))
+    assert not list((tmp_path / "repository").rglob("*.age"))
+    encrypted_env = {**env, "RAG_BACKUP_REPOSITORY": plain_env["RAG_BACKUP_REPOSITORY"]}
+    ok(rag_backup(encrypted_env, "backup", "redis", "--verify"))
+    assert list((tmp_path / "repository").rglob("*.age"))
+    ok(rag_backup(encrypted_env, "verify", "redis", hour))  # the clear one, read again
+    rows = json.loads(ok(rag_backup(encrypted_env, "list", "redis", "--json")).stdout)
+    assert [r["verified"] for r in rows] == ["yes", "yes"]
+
+
+def test_key_rotation_rewraps_headers_only_and_leaves_every_backup_to_the_new_key(
+        env, backups, repo_dir, identity, tmp_path):
+    import hashlib
+
+    old, _ = identity
+    new = Identity.generate()
+    both = tmp_path / "both-keys.txt"
+    both.write_text(f"{old.encode()}\n{new.encode()}\n")
+    only_new = tmp_path / "new-key.txt"
+    only_new.write_text(f"{new.encode()}\n")
+
+    def payloads() -> dict[str, str]:
+        return {p.relative_to(repo_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in repo_dir.rglob("*") if p.is_file() and not p.name.endswith(".age")
+                and p.name != "manifest.json" and "keys" not in p.parts
+                and p.name != "verification.json" and "leases" not in p.parts}
+
+    before = payloads()
+    rotating = {**env, "RAG_BACKUP_IDENTITY": str(both)}
+    report = json.loads(ok(rag_backup(rotating, "keys", "rotate", "--add", str(new.recipient),
+                                      "--remove", str(old.recipient), "--json")).stdout)
+    assert report["ok"] and report["files_rewrapped"] > 10
+    assert report["manifests_rewrapped"] >= len(STORES)
+    assert report["backups_rewrapped"] >= len(STORES)
+    assert report["payload_bytes_not_rewritten"] > 1_000_000
+    assert report["header_bytes_written"] < 1000 * report["files_rewrapped"]
+    assert payloads() == before  # no payload was rewritten
+    again = json.loads(ok(rag_backup(rotating, "keys", "rotate", "--add", str(new.recipient),
+                                     "--json")).stdout)  # resumable: nothing left to do
+    assert again["ok"] and again["files_rewrapped"] == 0 and again["files_already_rewrapped"]
+
+    new_env = {**env, "RAG_BACKUP_IDENTITY": str(only_new),
+               "RAG_BACKUP_ENCRYPT_TO": str(new.recipient)}
+    for store in STORES:
+        ok(rag_backup(new_env, "verify", store, backups[store]["partition"]))
+    line = one_error_line(rag_backup(env, "verify", "redis", backups["redis"]["partition"]), 2)
+    assert "not encrypted to the configured identity" in line
+    line = one_error_line(rag_backup(env, "backup", "redis"), 2)  # still writing to old
+    assert "removed" in line and str(old.recipient) in line
+    status = json.loads(ok(rag_backup(new_env, "keys", "status", "--json")).stdout)
+    assert status["recipients"] == [str(new.recipient)]
+    assert list(status["files_by_keyset"]) == [report["keyset"]]

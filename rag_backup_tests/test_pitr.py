@@ -61,7 +61,9 @@ from rag_backup.repository import (
     FilesystemBackend,
     Verification,
 )
+from rag_backup.repository.crypto import Identity
 from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.sealed import Crypto
 from rag_backup.repository.wal import segment_key, segment_record_key
 from rag_backup_tests import pgutil
 from rag_backup_tests.conftest import take_backup
@@ -90,6 +92,8 @@ PARTITION = "2026-01-01"
 RESTORE_POINT = "before_bad_migration"
 LATEST = PitrTarget.parse("latest")
 PROJECT = Path(__file__).resolve().parents[1]
+KEY = Identity.generate()  # the module's repository is encrypted: WAL, base backups, restores
+KEYS = Crypto([KEY.recipient], [KEY])
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ def repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def repo(repo_dir: Path) -> BackupRepository:
-    return BackupRepository(FilesystemBackend(repo_dir))
+    return BackupRepository(FilesystemBackend(repo_dir), KEYS)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +133,8 @@ def receiver(pg_stack: DevStack, server: PostgresServer, repo: BackupRepository,
     work = tmp_path_factory.mktemp("receiver")
     env = {**os.environ, **pg_stack.env(), "RAG_BACKUP_REPOSITORY": str(repo_dir),
            "RAG_PG_WAL_DIR": str(work / "spool"), "RAG_PG_WAL_SWITCH_AFTER_S": "3",
-           "RAG_PG_WAL_POLL_S": "0.5"}
+           "RAG_PG_WAL_POLL_S": "0.5", "RAG_BACKUP_ENCRYPT_TO": str(KEY.recipient),
+           "RAG_BACKUP_IDENTITY": KEY.encode()}
     rx = Receiver(env, work / "receiver.log", PROJECT)
     rx.start()
     try:
@@ -287,7 +292,7 @@ def test_databases_mode_copies_a_database_at_a_time_under_a_new_name(server, rep
 
 def test_a_deleted_segment_is_reported_as_a_gap_by_name(repo, repo_dir, history, tmp_path):
     copy_dir = tmp_path / "repo"
-    copy = copy_repository(repo_dir, copy_dir)
+    copy = copy_repository(repo_dir, copy_dir, KEYS)
     # A segment inside the WAL both the restore point and 'latest' need (not an end of it).
     segments = plan(copy, PitrTarget.parse(target_name=RESTORE_POINT)).segments
     assert len(segments) >= 3, [s.name for s in segments]
@@ -313,7 +318,7 @@ def test_a_deleted_segment_is_reported_as_a_gap_by_name(repo, repo_dir, history,
 def test_retention_deletes_only_wal_no_base_backup_needs(repo, repo_dir, base, history,
                                                          tmp_path):
     copy_dir = tmp_path / "repo"
-    copy = copy_repository(repo_dir, copy_dir)
+    copy = copy_repository(repo_dir, copy_dir, KEYS)
     fp = fingerprint_of(base)
     index = WalIndex.read(copy)
     first = segno_of(fp.start_segment, index.seg_size)
@@ -335,8 +340,8 @@ def test_retention_deletes_only_wal_no_base_backup_needs(repo, repo_dir, base, h
 
     # No base backup at all: the WAL may be all there is, nothing is deleted.
     bare_dir = tmp_path / "bare"
-    copy_repository(repo_dir / "postgres_wal", bare_dir / "postgres_wal")
-    bare = BackupRepository(FilesystemBackend(bare_dir))
+    copy_repository(repo_dir / "postgres_wal", bare_dir / "postgres_wal", KEYS)
+    bare = BackupRepository(FilesystemBackend(bare_dir), KEYS)
     kept = set(WalIndex.read(bare).segments)
     assert kept >= doomed
     nothing = prune_wal(bare, dry_run=False)
@@ -347,7 +352,7 @@ def test_retention_deletes_only_wal_no_base_backup_needs(repo, repo_dir, base, h
 def test_a_damaged_segment_is_caught_by_check_and_by_restore(server, repo_dir, history,
                                                              tmp_path):
     copy_dir = tmp_path / "repo"
-    copy = copy_repository(repo_dir, copy_dir)
+    copy = copy_repository(repo_dir, copy_dir, KEYS)
     chosen = plan(copy, LATEST)
     assert len(chosen.segments) >= 2
     victim, sound = chosen.segments[1], chosen.segments[0]
@@ -444,7 +449,9 @@ def test_two_restores_started_together_into_one_work_dir(server, repo, history, 
 # -- in Dagster ------------------------------------------------------------------------------
 
 def _resources(server: PostgresServer, repo_dir: Path, webhook: str = "") -> dict:
-    return {"repository": BackupRepositoryResource(location=str(repo_dir)),
+    return {"repository": BackupRepositoryResource(location=str(repo_dir),
+                                                   encrypt_to=str(KEY.recipient),
+                                                   identity=KEY.encode()),
             "postgres": PostgresResource(host=server.host, port=server.port, user=server.user,
                                          password=server.password, databases="bench"),
             "alerts": AlertResource(webhook_url=webhook or None)}

@@ -337,7 +337,7 @@ def test_the_first_to_commit_wins_and_the_late_one_names_it(any_repo):
 
 def test_stale_uploads_temporaries_and_abandoned_backups_are_collected(any_repo):
     current = write_backup(any_repo, "2026-11-20", b"current")
-    backend = any_repo.backend
+    backend = any_repo.storage
     dead = any_repo.begin("teststore", "2026-11-20", "run-dead")
     pending = dead.__enter__()  # a run that died (kill -9): never exits the block
     with pending.artifact("half.bin") as out:

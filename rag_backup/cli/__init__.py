@@ -33,6 +33,7 @@ COMMANDS = {
     "restore-all": built("rag_backup.cli.all_stores", "restore_all_command"),
     "drill": attribute("rag_backup.cli.all_stores", "drill_command"),
     "wal-status": attribute("rag_backup.cli.restores", "wal_status_command"),
+    "keys": attribute("rag_backup.cli.keys", "keys_group"),
 }
 
 

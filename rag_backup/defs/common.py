@@ -14,6 +14,7 @@ from rag_backup.defs.partition_index import mark_partitions_deleted
 from rag_backup.defs.partitions import context_window, window_of
 from rag_backup.engines.comparison import Comparison
 from rag_backup.errors import BackupNotFound, RepositoryError, StoreBusy, StoreUnreachable
+from rag_backup.repository.crypto import IdentityError
 from rag_backup.repository import (
     DEFAULT_STALE_AGE,
     BackupRecord,
@@ -121,6 +122,8 @@ def verify_and_record(context: dg.AssetExecutionContext, repo: BackupRepository,
     started = time.monotonic()
     try:
         checks = check(record)
+    except IdentityError:  # no key to read the backup with: not run, nothing recorded
+        raise
     except Exception as exc:
         repo.record_verification(store, key, Verification(
             record.backup_id, False, utcnow(), context.run.run_id, error=str(exc)))

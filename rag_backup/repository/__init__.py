@@ -43,7 +43,8 @@ from rag_backup.repository.wal import WAL_ROOT, WalSegment, WalStore
 
 __all__ = [
     "BLOB_PREFIX", "TMP_PREFIX", "BlobCollection", "BlobInfo", "BlobStore", "BlobWriter",
-    "blob_key", "blob_sha", "DEFAULT_STALE_AGE", "LATEST", "Artifact", "Backend", "BackupOutcome", "BackupRecord",
+    "blob_key", "blob_sha", "DEFAULT_STALE_AGE", "LATEST", "Artifact", "Backend",
+    "BackupOutcome", "BackupRecord",
     "BackupRepository", "DamagedRecord", "FilesystemBackend", "IncompleteUpload", "Manifest",
     "PendingBackup", "PendingMarker", "RepositoryListing", "RetentionDecision", "S3Backend",
     "StaleWrite", "Tombstone", "Verification", "backend_from_url", "plan_retention",

@@ -142,6 +142,10 @@ class Manifest:
     # Where the data came from when it is not the live source at backup time (PostgreSQL: a
     # point-in-time recovery to the partition's end); absent in older manifests.
     recovery_point: dict[str, Any] | None = None
+    # In an encrypted repository (``sealed.py``): the fingerprint, encrypted with a digest of
+    # every other field (``fingerprint`` is then ``{}`` as stored), and which keys it is for.
+    sealed: str | None = None
+    encryption: dict[str, Any] | None = None
 
     @property
     def window(self) -> PartitionWindow:
@@ -163,6 +167,9 @@ class Manifest:
         doc["artifacts"] = [asdict(a) for a in self.artifacts]
         doc["partition_window"] = (self.partition_window.to_dict()
                                    if self.partition_window is not None else None)
+        for name in ("sealed", "encryption"):  # absent from an unencrypted manifest
+            if doc[name] is None:
+                del doc[name]
         return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode()
 
     @classmethod
@@ -198,9 +205,17 @@ class Manifest:
                 partition_window=window, format_version=version,
                 recovery_point=dict(doc["recovery_point"]) if doc.get("recovery_point")
                 else None,
+                sealed=_optional_str(doc.get("sealed"), "sealed"),
+                encryption=dict(doc["encryption"]) if doc.get("encryption") else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise damaged("manifest", where, exc) from exc
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} is {type(value).__name__}, not a string")
+    return value
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -58,6 +58,8 @@ from rag_backup.repository.manifest import (
     utcnow,
 )
 from rag_backup.repository import lease
+from rag_backup.repository.crypto import IdentityError
+from rag_backup.repository.sealed import Crypto, SealedBackend, seal_manifest, unseal_manifest
 from rag_backup.repository.wal import WalStore
 from rag_backup.repository.retention import (
     RetentionCandidate,
@@ -161,6 +163,11 @@ def typed_fingerprint(source: BackupRecord | Manifest | BackupOutcome, store: st
     by the store engine's ``from_dict``; an invalid one raises ``DamagedBackup`` naming the
     backup (every engine's ``fingerprint_of`` is this)."""
     manifest = source.manifest if isinstance(source, BackupRecord) else source
+    if isinstance(manifest, Manifest) and manifest.sealed is not None and not manifest.fingerprint:
+        raise IdentityError(
+            f"{store} backup {manifest.partition_key} ({manifest.backup_id}): "
+            + (manifest.encryption or {}).get("unopened", "its fingerprint is sealed and no "
+                                              "identity is configured: set RAG_BACKUP_IDENTITY"))
     try:
         return from_dict(manifest.fingerprint)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -296,7 +303,8 @@ class PendingBackup:
         why = self._changed_since_begin()
         if why is not None:
             raise self._refuse(why)
-        data = manifest.to_json()
+        recipients = self.repo.sealed.encrypting_to()
+        data = (seal_manifest(manifest, recipients) if recipients else manifest).to_json()
         backend.write_bytes(f"{self.part}/{MANIFEST}", data)
         if backend.read_bytes(f"{self.part}/{MANIFEST}") != data:  # a writer raced us
             why = self._changed_since_begin() or "another run wrote the manifest at once"
@@ -331,10 +339,11 @@ class BackupRepository:
         # between repositories; ``backend``: what every reader and writer uses (it encrypts
         # and decrypts when ``crypto`` is set).
         self.storage = backend
-        self.crypto = crypto
-        self.backend = backend
-        self.blobs = BlobStore(backend)  # content-addressed blobs, shared by every backup
-        self.wal = WalStore(backend)  # PostgreSQL's archived write-ahead log
+        self.crypto = crypto or Crypto()
+        self.sealed = SealedBackend(backend, self.crypto)
+        self.backend: Backend = self.sealed  # type: ignore[assignment]
+        self.blobs = BlobStore(self.backend)  # content-addressed blobs, shared by every backup
+        self.wal = WalStore(self.backend)  # PostgreSQL's archived write-ahead log
 
     def lease(self, store: str, holder: str, purpose: str,
               ttl: timedelta | None = None) -> contextlib.AbstractContextManager[lease.Lease]:
@@ -346,7 +355,7 @@ class BackupRepository:
     def s3_bucket(self) -> str | None:
         """The S3 bucket holding this repository (``None`` on a filesystem): no store's backup
         may read it as a source nor restore into it."""
-        return self.backend.bucket if isinstance(self.backend, S3Backend) else None
+        return self.storage.bucket if isinstance(self.storage, S3Backend) else None
 
     @property
     def root_location(self) -> str:
@@ -596,6 +605,7 @@ class BackupRepository:
                     f"manifest {where} is invalid: it describes {manifest.store} partition "
                     f"{manifest.partition_key}", file=where,
                     error=f"it describes {manifest.store} partition {manifest.partition_key}")
+            manifest = self._unseal(manifest, where)
         except DamagedBackup as exc:
             return DamagedRecord(store, partition_key, "manifest", where, exc.error)
         location = self.backend.location(f"{part}/{manifest.backup_id}")
@@ -612,6 +622,23 @@ class BackupRepository:
             if candidate.backup_id == manifest.backup_id:
                 verification = candidate
         return BackupRecord(manifest, verification, location)
+
+    def _unseal(self, manifest: Manifest, where: str) -> Manifest:
+        """The manifest with its fingerprint (kept sealed when no identity opens it: listing
+        works, reading the fingerprint says so); ``DamagedBackup`` when tampered, or when it
+        is in clear although written after the repository turned encryption on."""
+        if manifest.sealed is None:
+            record = self.sealed.key_record()
+            if record is not None and manifest.started_at > record.since_time:
+                error = (f"it is not sealed, yet the repository encrypts every backup since "
+                         f"{record.since} (keys/encryption.json): replaced (tampered)")
+                raise DamagedBackup(f"manifest {where}: {error}", file=where, error=error)
+            return manifest
+        try:
+            return unseal_manifest(manifest, self.crypto.identities, where)
+        except IdentityError as exc:  # listed; reading its fingerprint raises this
+            return replace(manifest, encryption={**(manifest.encryption or {}),
+                                                 "unopened": str(exc)})
 
     def get(self, store: str, partition_key: str) -> BackupRecord | None:
         """The partition's committed backup (``None`` if it has none). A damaged manifest

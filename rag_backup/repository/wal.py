@@ -35,6 +35,7 @@ import zstandard
 
 from rag_backup.errors import BackupNotFound, DamagedBackup, IntegrityError
 from rag_backup.repository.backends import Backend
+from rag_backup.repository.crypto import DecryptionError
 from rag_backup.repository.manifest import _aware, load_record, utcnow
 
 WAL_ROOT = "postgres_wal"
@@ -232,6 +233,9 @@ class WalStore:
             try:
                 zstandard.ZstdDecompressor().copy_stream(_Tee(), plain, read_size=CHUNK,
                                                          write_size=CHUNK)
+            except DecryptionError as exc:
+                tmp.unlink(missing_ok=True)
+                raise IntegrityError(f"WAL segment {segment.name} is damaged: {exc}") from exc
             except zstandard.ZstdError as exc:
                 tmp.unlink(missing_ok=True)
                 raise IntegrityError(f"WAL segment {segment.name} at "
@@ -262,6 +266,8 @@ class WalStore:
             return f"its data is missing at {self.backend.location(key)}"
         except BackupNotFound:
             return f"its data is missing at {self.backend.location(key)}"
+        except DecryptionError as exc:
+            return f"its stored bytes do not match the record: {exc}"
         if size != segment.stored_size or digest.hexdigest() != segment.stored_sha256:
             return (f"its stored bytes at {self.backend.location(key)} do not match the record "
                     f"(size {size}, expected {segment.stored_size})")
