@@ -2,7 +2,17 @@
 
 import dagster as dg
 
-from rag_backup.defs import automation, catalog, milvus, minio, pitr, postgres, recovery, redis
+from rag_backup.defs import (
+    automation,
+    catalog,
+    milvus,
+    minio,
+    offsite,
+    pitr,
+    postgres,
+    recovery,
+    redis,
+)
 from rag_backup.defs.resources import default_resources
 
 STORES = [postgres, redis, milvus, minio]
@@ -15,6 +25,7 @@ EXECUTOR = dg.in_process_executor
 defs = dg.Definitions.merge(
     *(store.defs for store in STORES),
     automation.build_defs([store.POLICY for store in STORES]),
+    offsite.build_defs([store.POLICY for store in STORES]),
     recovery.defs,
     pitr.defs,
     catalog.defs,

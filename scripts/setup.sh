@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up rag-backup on a fresh Debian/Ubuntu machine with Python 3.11+. Idempotent: a second run
 # installs nothing that is already there.
-#   system packages: PostgreSQL server and client tools, Redis server and tools, zstd, chromium
+#   system packages: PostgreSQL server and client tools, Redis server and tools, zstd, age
+#   (decrypting a backup by hand; the tests check the format with it), chromium
 #   Python: a virtual environment in .venv with the project and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # chromium: the test suite opens the Dagster UI in a real headless browser.
-APT_PACKAGES=(postgresql postgresql-contrib postgresql-client redis-server redis-tools zstd
+APT_PACKAGES=(postgresql postgresql-contrib postgresql-client redis-server redis-tools zstd age
               python3-venv ca-certificates chromium)
 
 missing=()

@@ -56,9 +56,15 @@ def run_restore_all(config: Any, as_json: bool) -> int:
     lease when restoring over production), report every comparison."""
     from rag_backup import recovery
 
-    repo = environment.repository()
+    from rag_backup.defs.offsite_settings import pick_repository
+
+    choice = pick_repository(environment.Repositories(), config.repository,
+                             lambda r: recovery.plan(r, config.stores, config.point_in_time),
+                             output.log)
+    repo = choice.repo
     plan = recovery.plan(repo, config.stores, config.point_in_time)
     doc: dict[str, Any] = {
+        "repository": choice.name, "repository_reason": choice.reason,
         "point_in_time": plan.point.isoformat(), "spread_s": plan.spread_s,
         "chosen": {s: {"partition": r.partition_key, "backup_id": r.backup_id,
                        "recovery_point": r.manifest.started_at.isoformat()}
@@ -127,20 +133,29 @@ def restore_all_command() -> click.Command:
 
 @click.command("drill")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def drill_command(as_json: bool) -> int:
+@click.option("--repository", "which", type=click.Choice(["primary", "offsite", "auto"]),
+              default="auto", show_default=True,
+              help="Drill from the primary, the offsite copy, or auto (the primary, else the "
+                   "offsite when the primary is unreachable or lacks a verified backup).")
+def drill_command(as_json: bool, which: str) -> int:
     """The restore drill: the newest verified backup of every store restored into scratch
     targets, compared with its backup, checked with the consistency rules
     (RAG_DRILL_RULES_FILE; default: the RAG service's), and removed. Exit 1 if it found
     problems."""
     from rag_backup import consistency, recovery
 
-    repo = environment.repository()
+    from rag_backup.defs.offsite_settings import pick_repository
+
+    choice = pick_repository(environment.Repositories(), which, lambda r: recovery.choose(
+        r, list(recovery.STORES), recovery.utcnow()), output.log)
+    repo = choice.repo
     rules, source = consistency.rules_from_environment()
     entries = store_table(None, None)
     with output.progress_display():
         result = recovery.drill(repo, entries, rules, log=output.log, log_error=output.log)
     results = list(result.restored.values())
-    doc = {"consistent": result.consistent, "spread_s": result.spread_s,
+    doc = {"repository": choice.name, "consistent": result.consistent,
+           "spread_s": result.spread_s,
            "total_restore_s": round(result.total_restore_s, 3), "rules_source": source,
            "stores": {r.store: {**restored_doc(r), "error": result.errors.get(r.store)}
                       for r in results},

@@ -13,7 +13,7 @@ import click
 
 from rag_backup.cli import environment, output
 from rag_backup.cli.stores import STORES
-from rag_backup.errors import BackupNotFound
+from rag_backup.errors import BackupNotFound, InvalidRequest
 from rag_backup.repository import (
     LATEST,
     BackupRecord,
@@ -22,6 +22,7 @@ from rag_backup.repository import (
     Verification,
 )
 from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.crypto import IdentityError
 
 REPOSITORY = "primary"  # the only repository so far; an offsite copy would be another
 STORE_CHOICE = click.Choice(STORES)
@@ -72,12 +73,22 @@ def listing(repo: BackupRepository, store: str) -> list[dict[str, Any]]:
 
 @click.command("list")
 @click.argument("store", metavar="STORE", type=STORE_CHOICE, required=False)
+@click.option("--repository", "which", type=click.Choice(["primary", "offsite"]),
+              default="primary", show_default=True,
+              help="List the primary repository or the offsite copy (RAG_BACKUP_OFFSITE).")
 @json_option
-def list_command(store: str | None, as_json: bool) -> int:
+def list_command(store: str | None, which: str, as_json: bool) -> int:
     """Every backup in the repository (of STORE, or of all stores): partition, backup id,
     when it was taken, how long it took, its size and whether it is verified."""
-    repo = environment.repository()
-    rows = [row for name in ([store] if store else STORES) for row in listing(repo, name)]
+    if which == "offsite":
+        repo = environment.offsite_repository()
+        if repo is None:
+            raise InvalidRequest("the offsite repository is not configured: set "
+                                 "RAG_BACKUP_OFFSITE (and RAG_OFFSITE_S3_*)")
+    else:
+        repo = environment.repository()
+    rows = [{**row, "repository": which}
+            for name in ([store] if store else STORES) for row in listing(repo, name)]
     if as_json:
         output.print_json(rows)
         return 0
@@ -198,6 +209,8 @@ def verify_record(repo: BackupRepository, store: str, record: BackupRecord,
     try:
         with output.progress_display():
             checks = ops.verify(connection, repo, record, output.log)
+    except IdentityError:  # no key to read the backup with: not run, nothing recorded
+        raise
     except Exception as exc:  # noqa: BLE001 - recorded as failed, then reported
         repo.record_verification(store, record.partition_key, Verification(
             record.backup_id, False, utcnow(), run_id, error=str(exc)))

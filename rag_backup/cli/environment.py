@@ -21,6 +21,24 @@ def repository() -> BackupRepository:
     return repository_from_env()
 
 
+def offsite_repository() -> BackupRepository | None:
+    """``RAG_BACKUP_OFFSITE`` (with ``RAG_OFFSITE_S3_*``), or ``None`` when unset."""
+    from rag_backup.settings import offsite_from_env
+
+    return offsite_from_env()
+
+
+class Repositories:
+    """Both repositories, opened when asked (what ``defs.offsite_settings.pick_repository``
+    chooses from)."""
+
+    def open(self) -> BackupRepository:
+        return repository()
+
+    def open_offsite(self) -> BackupRepository | None:
+        return offsite_repository()
+
+
 def _problems(configured: Any) -> list[str]:
     """What is wrong with the environment variables a resource reads: unset ones, and ones
     that are not numbers where a number is needed (checked here: Dagster's own message would

@@ -54,11 +54,15 @@ def config_command(name: str, module_name: str, config_name: str, job_name: str,
 
     def run(as_json: bool, **values: Any) -> int:
         config = build_config(config_cls, values)
-        repo, connection = environment.repository(), environment.resource(resource)
+        from rag_backup.defs.offsite_settings import restore_repository
+
+        choice = restore_repository(environment.Repositories(), config, resource, output.log)
+        connection = environment.resource(resource)
         with output.progress_display():
-            summary, _metadata = module.run_restore(config, repo, connection, output.log,
+            summary, _metadata = module.run_restore(config, choice.repo, connection, output.log,
                                                     environment.holder("restore"))
-        return report(title, summary, as_json)
+        return report(title, {**summary, "repository": choice.name,
+                              "repository_reason": choice.reason}, as_json)
 
     job = getattr(module, job_name)
     return click.Command(name, callback=run, params=[*config_options(config_cls), json_param()],

@@ -246,7 +246,9 @@ def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertR
         details[f"error in {f['step']}"] = f["error"][:2000]
     if not failed:
         details["error"] = (context.failure_event.message or "")[:2000]
+    offsite_only = bool(failed) and all("_offsite" in f["step"] for f in failed)
     alerts.notifier().send(Alert(
+        "offsite_failed" if offsite_only else
         "backup_failed" if "backup" in run.job_name else "run_failed",
         f"{run.job_name} failed" + (f" for {details['partition']}"
                                     if details["partition"] != "-" else ""),

@@ -18,6 +18,11 @@ from rag_backup.defs.common import (
     run_holder,
     verify_and_record,
 )
+from rag_backup.defs.offsite_settings import (
+    choice_metadata,
+    repository_field,
+    restore_repository,
+)
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, MilvusResource
 from rag_backup.engines import milvus as engine
@@ -96,6 +101,7 @@ def milvus_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
 class RestoreMilvusConfig(dg.Config):
     partition_key: str = Field(default=LATEST, description="Daily partition of the backup "
                                "(YYYY-MM-DD), or 'latest' for the newest verified backup.")
+    repository: str = repository_field()
     collections: list[str] = Field(default=[], description="Collections of the backup to "
                                    "restore; empty: all of them.")
     target_collection: str = Field(default="", description="Restore a single collection under "
@@ -192,9 +198,10 @@ def restore_milvus(context: dg.OpExecutionContext, config: RestoreMilvusConfig,
                    repository: BackupRepositoryResource, milvus: MilvusResource) -> dict:
     """Restore collections of a Milvus backup, then compare with its manifest."""
     with retry_when_unreachable():
-        summary, metadata = run_restore(config, repository.open(), milvus, context.log.info,
+        choice = restore_repository(repository, config, STORE, context.log.info)
+        summary, metadata = run_restore(config, choice.repo, milvus, context.log.info,
                                         run_holder(context))
-    context.add_output_metadata(metadata)
+    context.add_output_metadata({**metadata, **choice_metadata(choice)})
     return summary
 
 

@@ -20,6 +20,11 @@ from rag_backup.defs.common import (
     run_holder,
     verify_and_record,
 )
+from rag_backup.defs.offsite_settings import (
+    choice_metadata,
+    repository_field,
+    restore_repository,
+)
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, MinioResource
 from rag_backup.engines import minio as engine
@@ -123,6 +128,7 @@ def minio_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
 class RestoreMinioConfig(dg.Config):
     partition_key: str = Field(default=LATEST, description="The snapshot: its daily partition "
                                "(YYYY-MM-DD), or 'latest' for the newest verified snapshot.")
+    repository: str = repository_field()
     buckets: list[str] = Field(default=[], description="Buckets of the snapshot to restore; "
                                "empty: every bucket in it.")
     target_bucket: str = Field(default="", description="Bucket to restore into (created if "
@@ -209,9 +215,10 @@ def restore_minio(context: dg.OpExecutionContext, config: RestoreMinioConfig,
     first checks the snapshot and every blob the restore will write (size and sha256); a
     missing or damaged one fails the run before the target is changed at all."""
     with retry_when_unreachable():
-        summary, metadata = run_restore(config, repository.open(), minio, context.log.info,
+        choice = restore_repository(repository, config, STORE, context.log.info)
+        summary, metadata = run_restore(config, choice.repo, minio, context.log.info,
                                         run_holder(context))
-    context.add_output_metadata(metadata)
+    context.add_output_metadata({**metadata, **choice_metadata(choice)})
     return summary
 
 

@@ -20,6 +20,11 @@ from rag_backup.defs.common import (
     run_holder,
     verify_and_record,
 )
+from rag_backup.defs.offsite_settings import (
+    choice_metadata,
+    repository_field,
+    restore_repository,
+)
 from rag_backup.defs.partitions import DAILY_PARTITIONS, SCHEDULE_STATUS, context_window
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.engines import postgres as engine
@@ -102,6 +107,7 @@ def postgres_retention(context: dg.AssetExecutionContext, config: RetentionConfi
 class RestorePostgresConfig(dg.Config):
     partition_key: str = Field(default=LATEST, description="Daily partition of the backup "
                                "(YYYY-MM-DD), or 'latest' for the newest verified backup.")
+    repository: str = repository_field()
     source_database: str = Field(default="ragqa", description="Which database of the backup "
                                  "to restore.")
     target_database: str = Field(default="", description="Database to restore into. Empty: a "
@@ -184,9 +190,10 @@ def restore_postgres(context: dg.OpExecutionContext, config: RestorePostgresConf
     """Restore one database of a PostgreSQL backup, optionally with its roles, and compare the
     restored copy with the backup before the target is touched."""
     with retry_when_unreachable():  # staged: a retry starts from a new staging database
-        summary, metadata = run_restore(config, repository.open(), postgres, context.log.info,
+        choice = restore_repository(repository, config, STORE, context.log.info)
+        summary, metadata = run_restore(config, choice.repo, postgres, context.log.info,
                                         run_holder(context))
-    context.add_output_metadata(metadata)
+    context.add_output_metadata({**metadata, **choice_metadata(choice)})
     return summary
 
 

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from rag_backup import consistency, recovery
 from rag_backup.defs.common import comparison_metadata, run_holder
+from rag_backup.defs.offsite_settings import choice_metadata, pick_repository, repository_field
 from rag_backup.defs.partitions import SCHEDULE_STATUS
 from rag_backup.defs.resources import (
     BackupRepositoryResource,
@@ -42,6 +43,7 @@ class RestoreAllConfig(dg.Config):
                                "2026-11-24T09:30:00Z; empty: now. Each store gets its newest "
                                "verified backup taken at or before it.")
     stores: list[str] = Field(default=[], description="Stores to restore; empty: all.")
+    repository: str = repository_field()
     into_production: bool = Field(default=False, description="Restore over the production "
                                   "stores (each needs its confirmation below); default: scratch "
                                   "targets named with one timestamp for the whole run (new "
@@ -105,7 +107,9 @@ def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
                        redis: RedisResource, minio: MinioResource,
                        milvus: MilvusResource) -> dict:
     """Choose each store's backup for the point in time, report the set, and restore it."""
-    repo = repository.open()
+    choice = pick_repository(repository, config.repository, lambda r: recovery.plan(
+        r, config.stores, config.point_in_time), context.log.info)
+    repo = choice.repo
     plan = recovery.plan(repo, config.stores, config.point_in_time)
     chosen = plan.chosen
     for store, record in chosen.items():
@@ -113,6 +117,7 @@ def restore_all_stores(context: dg.OpExecutionContext, config: RestoreAllConfig,
                          f"{record.backup_id}), recovery point "
                          f"{record.manifest.started_at:%Y-%m-%d %H:%M:%S} UTC")
     metadata: dict[str, Any] = {
+        **choice_metadata(choice),
         "point_in_time": dg.MetadataValue.text(plan.point.isoformat()),
         "spread_s": dg.MetadataValue.float(plan.spread_s),
         "chosen": dg.MetadataValue.md("| store | partition | backup | recovery point |\n"
@@ -192,20 +197,27 @@ def rules_metadata(results: list[consistency.RuleResult], source: str) -> dict[s
     return metadata
 
 
+class RestoreDrillConfig(dg.Config):
+    repository: str = repository_field()
+
+
 @dg.asset(group_name=GROUP, kinds={"python"}, owners=["team:platform"],
           pool="restore_drill")
-def restore_drill(context: dg.AssetExecutionContext, repository: BackupRepositoryResource,
+def restore_drill(context: dg.AssetExecutionContext, config: RestoreDrillConfig,
+                  repository: BackupRepositoryResource,
                   postgres: PostgresResource, redis: RedisResource,
                   minio: MinioResource, milvus: MilvusResource) -> dg.MaterializeResult:
     """The monthly restore test, automated: the newest verified backup of every store restored
     into scratch targets, compared with its manifest, checked with the consistency rules
     (RAG_DRILL_RULES_FILE; default: the RAG service's), removed. Records each store's measured
     restore time (the RTO, plotted over time), also when the drill fails."""
-    repo = repository.open()
+    choice = pick_repository(repository, config.repository, lambda r: recovery.choose(
+        r, list(recovery.STORES), recovery.utcnow()), context.log.info)
     rules, rules_source = consistency.rules_from_environment()
-    result = recovery.drill(repo, store_recoveries(postgres, redis, minio, milvus), rules,
+    result = recovery.drill(choice.repo, store_recoveries(postgres, redis, minio, milvus), rules,
                             log=context.log.info, log_error=context.log.error)
-    metadata: dict[str, Any] = {"spread_s": dg.MetadataValue.float(result.spread_s)}
+    metadata: dict[str, Any] = {"spread_s": dg.MetadataValue.float(result.spread_s),
+                                **choice_metadata(choice)}
     for r in result.restored.values():
         metadata.update(store_metadata(r))
     metadata.update(rules_metadata(result.rules, rules_source))

@@ -19,6 +19,11 @@ from rag_backup.defs.common import (
     run_holder,
     verify_and_record,
 )
+from rag_backup.defs.offsite_settings import (
+    choice_metadata,
+    repository_field,
+    restore_repository,
+)
 from rag_backup.defs.partitions import HOURLY_PARTITIONS, SCHEDULE_STATUS
 from rag_backup.defs.resources import BackupRepositoryResource, RedisResource
 from rag_backup.engines import redis as engine
@@ -83,6 +88,7 @@ def redis_retention(context: dg.AssetExecutionContext, config: RetentionConfig,
 class RestoreRedisConfig(dg.Config):
     partition_key: str = Field(default=LATEST, description="Hourly partition of the backup "
                                "(YYYY-MM-DD-HH:00), or 'latest' for the newest verified backup.")
+    repository: str = repository_field()
     mode: str = Field(default="replay", description="'replay': copy keys into a running server "
                       "(DUMP/RESTORE, absolute expiry kept). 'file': place the RDB into a "
                       "STOPPED server's data directory.")
@@ -184,9 +190,10 @@ def restore_redis(context: dg.OpExecutionContext, config: RestoreRedisConfig,
                   repository: BackupRepositoryResource, redis: RedisResource) -> dict:
     """Restore a Redis backup by replay into a running server or as a file for a stopped one."""
     with retry_when_unreachable():  # a replay repeated is the same replay
-        summary, metadata = run_restore(config, repository.open(), redis, context.log.info,
+        choice = restore_repository(repository, config, STORE, context.log.info)
+        summary, metadata = run_restore(config, choice.repo, redis, context.log.info,
                                         run_holder(context))
-    context.add_output_metadata(metadata)
+    context.add_output_metadata({**metadata, **choice_metadata(choice)})
     return summary
 
 

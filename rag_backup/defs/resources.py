@@ -10,11 +10,13 @@ import dagster as dg
 from pydantic import Field
 
 from rag_backup.alerts import Notifier, SmtpChannel, WebhookChannel
+from rag_backup.defs.offsite_settings import OffsiteSettings, offsite_settings_from_env
 from rag_backup.engines.milvus import DEFAULT_ROWS_PER_FILE, MilvusServer
 from rag_backup.engines.minio import S3Endpoint
 from rag_backup.engines.postgres import PostgresServer
 from rag_backup.engines.redis import RedisServer
 from rag_backup.repository import BackupRepository, backend_from_url
+from rag_backup.repository.sealed import ENV_IDENTITY, ENV_RECIPIENTS, Crypto
 
 
 def optional_env(name: str) -> dg.EnvVar | None:
@@ -22,7 +24,7 @@ def optional_env(name: str) -> dg.EnvVar | None:
     return dg.EnvVar(name) if os.environ.get(name) else None
 
 
-class BackupRepositoryResource(dg.ConfigurableResource):
+class BackupRepositoryResource(OffsiteSettings):  # and the offsite copy's settings
     """The backup repository: a local directory, or ``s3://bucket/prefix`` (MinIO ``backups``)."""
 
     location: str = Field(description="Directory path, or s3://bucket/prefix")
@@ -30,11 +32,19 @@ class BackupRepositoryResource(dg.ConfigurableResource):
     s3_access_key: str | None = Field(default=None, description="S3 access key (env)")
     s3_secret_key: str | None = Field(default=None, description="S3 secret key (env)")
     s3_region: str = "us-east-1"
+    encrypt_to: str | None = Field(
+        default=None, description="Age public keys backups are encrypted to, or a file of them "
+        "(RAG_BACKUP_ENCRYPT_TO); unset: not encrypted, unless the repository already is")
+    identity: str | None = Field(
+        default=None, description="Age secret key that restores and verification decrypt "
+        "with, or the path of an identity file (RAG_BACKUP_IDENTITY, from the environment)")
 
     def open(self) -> BackupRepository:
         return BackupRepository(backend_from_url(
             self.location, s3_endpoint=self.s3_endpoint, s3_access_key=self.s3_access_key,
-            s3_secret_key=self.s3_secret_key, s3_region=self.s3_region))
+            s3_secret_key=self.s3_secret_key, s3_region=self.s3_region),
+            Crypto.from_env({ENV_RECIPIENTS: self.encrypt_to or "",
+                             ENV_IDENTITY: self.identity or ""}))
 
 
 class PostgresResource(dg.ConfigurableResource):
@@ -189,6 +199,9 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             s3_access_key=optional_env("RAG_S3_ACCESS_KEY"),
             s3_secret_key=optional_env("RAG_S3_SECRET_KEY"),
             s3_region=optional_env("RAG_S3_REGION") or "us-east-1",
+            encrypt_to=optional_env("RAG_BACKUP_ENCRYPT_TO"),
+            identity=optional_env("RAG_BACKUP_IDENTITY"),
+            **offsite_settings_from_env(),
         ),
         "postgres": PostgresResource(
             host=dg.EnvVar("RAG_PG_HOST"),
