@@ -5,6 +5,7 @@ import dagster as dg
 from rag_backup.defs import (
     automation,
     catalog,
+    keys,
     milvus,
     minio,
     offsite,
@@ -29,5 +30,6 @@ defs = dg.Definitions.merge(
     recovery.defs,
     pitr.defs,
     catalog.defs,
+    keys.defs,
     dg.Definitions(resources=default_resources(), executor=EXECUTOR),
 )

@@ -227,3 +227,29 @@ def test_a_repository_without_keys_reads_and_writes_in_clear(tmp_path):
     record = backup(repo, b"plain")
     assert not list(Path(tmp_path / "clear").rglob("*.age"))
     assert read(repo, record) == b"plain"
+
+
+def test_the_rotation_job_rewraps_from_dagster_and_reports_in_metadata(tmp_path, key):
+    from rag_backup.defs.keys import rotate_keys_job
+    from rag_backup.defs.resources import BackupRepositoryResource
+
+    repo = BackupRepository(FilesystemBackend(tmp_path / "repo"),
+                            Crypto([key.recipient], [key]))
+    backup(repo, os.urandom(10_000))
+    new = Identity.generate()
+    both = tmp_path / "both.txt"
+    both.write_text(f"{key.encode()}\n{new.encode()}\n")
+    resource = BackupRepositoryResource(location=str(tmp_path / "repo"),
+                                        encrypt_to=str(new.recipient), identity=str(both))
+    config = {"ops": {"rotate_keys": {"config": {"add": [str(new.recipient)],
+                                                 "remove": [str(key.recipient)]}}}}
+    result = rotate_keys_job.execute_in_process(run_config=config,
+                                                resources={"repository": resource})
+    [event] = [e for e in result.all_node_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = event.event_specific_data.metadata
+    assert metadata["primary_ok"].value is True
+    assert metadata["primary_files_rewrapped"].value == 1
+    assert metadata["primary_payload_bytes_not_rewritten"].value > 10_000
+    assert key.encode() not in str(metadata) and new.encode() not in str(metadata)
+    rotated = keyed(repo, Crypto([], [new]))
+    assert len(read(rotated, rotated.get("teststore", PARTITION))) == 10_000

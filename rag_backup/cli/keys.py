@@ -38,13 +38,27 @@ def generate_command(path: str) -> None:
     output.print_line(str(identity.recipient))
 
 
+repository_option = click.option(
+    "--repository", "which", type=click.Choice(["primary", "offsite"]), default="primary",
+    show_default=True, help="The repository (RAG_BACKUP_REPOSITORY) or the offsite copy "
+                            "(RAG_BACKUP_OFFSITE).")
+
+
+def _open(which: str):
+    repo = environment.repository() if which == "primary" else environment.offsite_repository()
+    if repo is None:
+        raise InvalidRequest("--repository offsite, but RAG_BACKUP_OFFSITE is not set")
+    return repo
+
+
 @keys_group.command("status")
+@repository_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status_command(as_json: bool) -> None:
+def status_command(which: str, as_json: bool) -> None:
     """What the repository encrypts to, and how many encrypted files each keyset holds."""
     from rag_backup.repository import crypto
 
-    repo = environment.repository()
+    repo = _open(which)
     record = repo.sealed.key_record(fresh=True)
     counts: dict[str, int] = {}
     for info in repo.storage.list_files(""):
@@ -75,17 +89,21 @@ def status_command(as_json: bool) -> None:
               help="A recipient to add (public key); repeatable.")
 @click.option("--remove", "remove", multiple=True, metavar="AGE1...",
               help="A recipient to remove (public key); repeatable.")
+@repository_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def rotate_command(add: tuple[str, ...], remove: tuple[str, ...], as_json: bool) -> None:
+def rotate_command(add: tuple[str, ...], remove: tuple[str, ...], which: str,
+                   as_json: bool) -> None:
     """Rewrap every encrypted file's key (headers only; no payload is rewritten) for the
     repository's recipients plus --add minus --remove, then verify. RAG_BACKUP_IDENTITY must
     open the current files (give the new key in it too, and the verification opens every file
-    with it). Safe to re-run: what is rewrapped already is skipped."""
+    with it). Safe to re-run: what is rewrapped already is skipped. On an offsite bucket with
+    Object Lock the new headers are new versions: the locked old ones keep opening with the
+    removed key until their lock ends."""
     from rag_backup.repository.rotation import rotate
 
     if not add and not remove:
         raise InvalidRequest("give --add and/or --remove")
-    repo = environment.repository()
+    repo = _open(which)
     if not repo.crypto.identities:
         raise InvalidRequest(f"{ENV_IDENTITY} is not set: rotation unwraps each file's key "
                              "with the current identity")
