@@ -22,6 +22,7 @@ none is left for a removed key.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -169,10 +170,13 @@ class Identity:
     def encode(self) -> str:
         return bech32_encode(SECRET_HRP, self.secret).upper()
 
-    @property
+    @functools.cached_property
+    def _private(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(self.secret)
+
+    @functools.cached_property
     def recipient(self) -> Recipient:
-        return Recipient(_raw_public(X25519PrivateKey.from_private_bytes(self.secret)
-                                     .public_key()))
+        return Recipient(_raw_public(self._private.public_key()))
 
     def unwrap(self, stanza: Stanza) -> bytes | None:
         """The file key if ``stanza`` was wrapped to this identity, else ``None``."""
@@ -184,9 +188,8 @@ class Identity:
             return None
         if len(share) != 32 or len(stanza.body) != 32:
             return None
-        private = X25519PrivateKey.from_private_bytes(self.secret)
         try:
-            shared = private.exchange(X25519PublicKey.from_public_bytes(share))
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(share))
         except ValueError:  # an all-zero shared secret (a low-order point)
             return None
         key = _hkdf(shared, share + self.recipient.public, X25519_INFO)

@@ -60,6 +60,7 @@ CLEAR_NAMES = frozenset({"manifest.json", "verification.json", "tombstone.json",
 CLEAR_AREAS = frozenset({"leases", "keys", "offsite"})
 ENV_RECIPIENTS = "RAG_BACKUP_ENCRYPT_TO"
 ENV_IDENTITY = "RAG_BACKUP_IDENTITY"
+FILE_KEY_CACHE = 20_000  # headers whose file key is kept (about 300 bytes each)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class SealedBackend:
         self.inner, self.keys = inner, keys
         self._record: KeyRecord | None = None
         self._record_checked = False
+        self._file_keys: dict[bytes, bytes] = {}  # header -> its (MAC-checked) file key
 
     def __getattr__(self, name: str) -> Any:  # bucket, client, root, endpoint, ...
         return getattr(self.inner, name)
@@ -278,8 +280,14 @@ class SealedBackend:
         if header is None:
             return self.inner.open_read(key)
         where = self.inner.location(key)
-        file_key = crypto.parse_header(header, self.inner.location(header_key(key))
-                                       ).file_key(self.keys.identities, where)
+        file_key = self._file_keys.get(header)
+        if file_key is None:  # unwrapping costs an X25519 exchange: a blob read twice (checked,
+            # then restored) unwraps once
+            file_key = crypto.parse_header(header, self.inner.location(header_key(key))
+                                           ).file_key(self.keys.identities, where)
+            if len(self._file_keys) >= FILE_KEY_CACHE:
+                self._file_keys.pop(next(iter(self._file_keys)))
+            self._file_keys[header] = file_key
         stream = self.inner.open_read(key)
         try:
             return DecryptingReader(stream, file_key, where)  # type: ignore[return-value]
