@@ -19,11 +19,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from rag_backup.proc import tail
+from rag_backup.repository import BackupRepository, FilesystemBackend
+from rag_backup.repository.crypto import Identity
+from rag_backup.repository.sealed import ENV_IDENTITY, ENV_RECIPIENTS, Crypto
 
 MB = 1_000_000
 SAMPLE_INTERVAL_S = 0.05
@@ -155,8 +160,69 @@ def run_measured(argv: Sequence[str], *, what: str, timeout_s: float,
                         sampler.peak_proc_bytes, sampler.samples, stdout)
 
 
+# -- encryption at rest: our contenders with and without it ------------------------------
+
+ENCRYPTION_TARGET = 1.10  # encrypted / clear wall time, backup and restore (issue 14)
+
+
+@cache
+def _run_identity() -> Identity:
+    """One key pair per benchmark run, generated here: the encrypted rows' backups and restores
+    use the same one."""
+    return Identity.generate()
+
+
+def encryption_env(encrypted: bool) -> dict[str, str]:
+    """The environment that makes a worker's repository (``open_repository``) encrypted with
+    this run's key (RAG_BACKUP_ENCRYPT_TO / RAG_BACKUP_IDENTITY, as the command line reads
+    them), or clear. Clear sets both empty: keys in the caller's own environment must not
+    turn a clear row into an encrypted one."""
+    if not encrypted:
+        return {ENV_RECIPIENTS: "", ENV_IDENTITY: ""}
+    identity = _run_identity()
+    return {ENV_RECIPIENTS: str(identity.recipient), ENV_IDENTITY: identity.encode()}
+
+
+def open_repository(path: str | Path) -> BackupRepository:
+    """In a worker: the filesystem repository at ``path``, encrypted when the environment
+    says so (``encryption_env``)."""
+    return BackupRepository(FilesystemBackend(path), Crypto.from_env())
+
+
+def encryption_overhead(pairs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]
+                        ) -> dict[str, dict[str, Any]]:
+    """Per phase, from its clear row and its encrypted row (each with ``wall_s`` and
+    ``tree_rss_mb``): both wall times and peak tree RSS, the ratios encrypted / clear, and
+    whether the time ratio is within ``ENCRYPTION_TARGET``."""
+    out = {}
+    for phase, (clear, encrypted) in pairs.items():
+        ratio = encrypted["wall_s"] / clear["wall_s"]
+        out[phase] = {
+            "clear_s": round(clear["wall_s"], 3), "encrypted_s": round(encrypted["wall_s"], 3),
+            "time_ratio": round(ratio, 4), "target": ENCRYPTION_TARGET,
+            "within_target": ratio <= ENCRYPTION_TARGET,
+            "clear_tree_rss_mb": round(clear["tree_rss_mb"], 1),
+            "encrypted_tree_rss_mb": round(encrypted["tree_rss_mb"], 1),
+            "tree_rss_ratio": round(encrypted["tree_rss_mb"] / clear["tree_rss_mb"], 4)}
+    return out
+
+
+def render_encryption(overhead: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The report's lines for ``encryption_overhead``."""
+    lines = [f"encryption at rest (encrypted / clear: same data, same run; target: time <= "
+             f"{ENCRYPTION_TARGET:.2f})",
+             f"  {'':26}{'clear':>9}{'encrypted':>11}{'ratio':>7}"]
+    for phase, o in overhead.items():
+        verdict = "ok" if o["within_target"] else "ABOVE TARGET"
+        lines.append(f"  {phase + ' time s':26}{o['clear_s']:9.2f}{o['encrypted_s']:11.2f}"
+                     f"{o['time_ratio']:7.2f}  {verdict}")
+        lines.append(f"  {phase + ' tree RSS MB':26}{o['clear_tree_rss_mb']:9.1f}"
+                     f"{o['encrypted_tree_rss_mb']:11.1f}{o['tree_rss_ratio']:7.2f}")
+    return lines
+
+
 RECORDED_PACKAGES = ("dagster", "psycopg2-binary", "redis", "hiredis", "boto3", "minio",
-                     "pymilvus", "pyarrow", "zstandard")
+                     "pymilvus", "pyarrow", "zstandard", "cryptography")
 
 
 def versions() -> dict[str, str]:

@@ -19,6 +19,11 @@ restore
   ours      ``restore()`` into a new collection: staging collection, batched inserts, flush,
             HNSW index build, load, count and probe checks, rename. ``rows/s`` includes the
             index build; the note gives the insert phase alone
+encryption at rest
+  ours+enc  the same backup and restore (into another collection) with an encrypted repository
+            (a second directory; a key generated for the run, passed as RAG_BACKUP_ENCRYPT_TO /
+            RAG_BACKUP_IDENTITY); the report gives encrypted / clear for time and peak memory
+            (target: time <= 1.10)
 
 Measurement (see ``measure.py``): each contender runs in its own process session; wall time,
 CPU and the peak RSS of its process tree. The Milvus server's own work counts in wall time only.
@@ -41,12 +46,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
+from measure import (  # noqa: E402  (sibling module)
+    MB,
+    ProcessStats,
+    bench_main,
+    encryption_env,
+    encryption_overhead,
+    log,
+    open_repository,
+    render_encryption,
+    run_measured,
+)
 from pymilvus import DataType, MilvusClient
 
 from rag_backup.devstack import DevStack
 from rag_backup.engines import milvus as engine
-from rag_backup.repository import BackupRepository, FilesystemBackend
 
 PARTITION = "2026-11-24"
 COLLECTION = "bench_vectors"
@@ -109,7 +123,7 @@ def server_for(uri: str) -> engine.MilvusServer:
 
 
 def worker(argv: list[str]) -> int:
-    """``_worker ACTION [PATH]``: one contender; a JSON summary on stdout."""
+    """``_worker ACTION [PATH [TARGET]]``: one contender; a JSON summary on stdout."""
     action = argv[0]
     uri = os.environ["RAG_MILVUS_URI"]
     server = server_for(uri)
@@ -138,21 +152,21 @@ def worker(argv: list[str]) -> int:
             message = getattr(exc, "message", None) or str(exc)
             print(json.dumps({"rows": 0, "error": f"{type(exc).__name__}: {message}"}))
     elif action == "backup":
-        repo = BackupRepository(FilesystemBackend(argv[1]))
+        repo = open_repository(argv[1])
         with repo.begin("milvus", PARTITION, "milvus-bench") as pending:
             out = engine.backup(server, pending, collections=[COLLECTION])
             manifest = pending.commit(out)
         print(json.dumps({"rows": out.rows, "artifact_bytes": manifest.size_bytes,
                           "files": len(manifest.artifacts)}))
     elif action == "verify":
-        repo = BackupRepository(FilesystemBackend(argv[1]))
+        repo = open_repository(argv[1])
         print(json.dumps(engine.verify(repo, repo.get("milvus", PARTITION))))
     else:
-        repo = BackupRepository(FilesystemBackend(argv[1]))
+        repo = open_repository(argv[1])
         marks: list[tuple[float, str]] = []
         started = time.monotonic()
         report = engine.restore(repo, repo.get("milvus", PARTITION), server,
-                                targets={COLLECTION: TARGET},
+                                targets={COLLECTION: argv[2]},
                                 log=lambda m: marks.append((time.monotonic() - started, m)))
         inserted = [t for t, m in marks if ": inserted " in m]
         checked = [t for t, m in marks if "match the manifest" in m]
@@ -205,25 +219,35 @@ def benchmark(rows: int, work: Path) -> dict:
             if "bytes" in result:
                 row.artifact_mb = result["bytes"] / MB
             table.append(row)
-        repo = work / "repo"
-        row, _, result = measured("backup", "ours", "backup() Parquet/zstd into the repository",
-                                  me("backup", str(repo)), child_env)
-        row.artifact_mb = result["artifact_bytes"] / MB
-        row.note = f"{result['files']} artifacts"
-        table.append(row)
+        # ours, then ours with an encrypted repository (a second directory), on the same data
+        repos = {"ours": work / "repo", "ours+enc": work / "repo-enc"}
+        envs = {who: {**child_env, **encryption_env(who == "ours+enc")} for who in repos}
+        for who, repo in repos.items():
+            row, _, result = measured("backup", who, "backup() Parquet/zstd into the repository",
+                                      me("backup", str(repo)), envs[who])
+            row.artifact_mb = result["artifact_bytes"] / MB
+            row.note = f"{result['files']} artifacts"
+            table.append(row)
         row, _, result = measured("verify", "ours", "verify() sha256 + Parquet + schema",
-                                  me("verify", str(repo)), child_env)
+                                  me("verify", str(repos["ours"])), envs["ours"])
         row.rows = result["rows"]
         table.append(row)
-        row, _, result = measured("restore", "ours", "restore() insert, index, load, check",
-                                  me("restore", str(repo)), child_env)
-        row.note = (f"matches manifest: {result['matches']}; probes {result['probes']}; "
-                    f"inserts {result['insert_s']:.1f} s "
-                    f"({result['rows'] / result['insert_s']:,.0f} rows/s), then flush + HNSW "
-                    f"build + load + checks {result['checked_s'] - result['insert_s']:.1f} s")
-        table.append(row)
+        targets = {"ours": TARGET, "ours+enc": f"{TARGET}_enc"}
+        for who, repo in repos.items():
+            row, _, result = measured("restore", who, "restore() insert, index, load, check",
+                                      me("restore", str(repo), targets[who]), envs[who])
+            row.note = (f"matches manifest: {result['matches']}; probes {result['probes']}; "
+                        f"inserts {result['insert_s']:.1f} s "
+                        f"({result['rows'] / result['insert_s']:,.0f} rows/s), then flush + "
+                        f"HNSW build + load + checks "
+                        f"{result['checked_s'] - result['insert_s']:.1f} s")
+            table.append(row)
+        by = {(r.phase, r.who): asdict(r) for r in table}
         return {"rows": rows, "dim": DIM, "raw_vector_mb": rows * DIM * 4 / MB,
-                "table": [asdict(r) for r in table]}
+                "table": [asdict(r) for r in table],
+                "encryption": encryption_overhead({
+                    phase: (by[(phase, "ours")], by[(phase, "ours+enc")])
+                    for phase in ("backup", "restore")})}
     finally:
         stack.down()
 
@@ -233,7 +257,7 @@ def render(report: dict) -> str:
     lines = [f"Milvus benchmark: {rows:,} rows x {report['dim']}-d float vectors "
              f"({report['raw_vector_mb']:.0f} MB of raw vectors), 3 partitions, HNSW, "
              "Milvus 2.3.5 standalone", "",
-             f"{'phase':8}{'who':8}{'what':44}{'wall s':>8}{'rows/s':>10}{'artifact MB':>12}"
+             f"{'phase':8}{'who':10}{'what':44}{'wall s':>8}{'rows/s':>10}{'artifact MB':>12}"
              f"{'tree RSS MB':>12}{'proc RSS MB':>12}{'CPU s':>8}  note"]
     by = {}
     for r in report["table"]:
@@ -241,7 +265,7 @@ def render(report: dict) -> str:
         done = r["rows"] or 0
         rate = f"{done / r['wall_s']:,.0f}" if done else "-"
         artifact = f"{r['artifact_mb']:.1f}" if r["artifact_mb"] is not None else "-"
-        lines.append(f"{r['phase']:8}{r['who']:8}{r['what']:44}{r['wall_s']:8.2f}{rate:>10}"
+        lines.append(f"{r['phase']:8}{r['who']:10}{r['what']:44}{r['wall_s']:8.2f}{rate:>10}"
                      f"{artifact:>12}{r['tree_rss_mb']:12.1f}{r['proc_rss_mb']:12.1f}"
                      f"{r['cpu_s']:8.2f}  {r['note']}")
 
@@ -256,7 +280,8 @@ def render(report: dict) -> str:
               f"  backup size, ours / raw vectors               "
               f"{by[('backup', 'ours')]['artifact_mb'] / report['raw_vector_mb']:.2f}",
               f"  restore time / backup time                    "
-              f"{ratio(('restore', 'ours'), ('backup', 'ours')):.2f}"]
+              f"{ratio(('restore', 'ours'), ('backup', 'ours')):.2f}",
+              "", *render_encryption(report["encryption"])]
     return "\n".join(lines)
 
 

@@ -17,13 +17,26 @@ next night, after 1% of the objects were overwritten
   rclone    ``rclone sync`` again onto its mirror (compares size and modification time)
   ours      ``backup()`` of the next day's partition: lists, reuses unchanged objects from the
             previous snapshot, copies only the changed ones
+offsite copy of the next night's backup (the offsite already holds the previous night's)
+  ours      ``offsite.copy_backup(primary, offsite, "minio", partition)``, as the ``minio_offsite``
+            asset runs it once the backup is verified, into an offsite repository: a bucket on
+            the same S3 server (``--offsite bucket``, default) or a directory (``--offsite dir``);
+            compared with the next night's ``rclone sync`` of the same change (target <= 1.2x)
 restore of the whole bucket (the next night's data) into an empty bucket
   rclone    ``rclone sync MIRROR dst:BUCKET`` from its mirror back into an empty bucket (8
             transfers; it checks each upload's MD5 against the ETag)
+  rclone-s3 ``rclone sync src:BUCKET dst:EMPTY``: the source bucket copied into an empty bucket
+            through the client (two remotes, so no server-side copy), target of ours <= 1.1x
   ours      ``engines.minio.restore()`` (8 workers) of the next night's snapshot into an empty
-            bucket: the pre-flight (snapshot and every blob hashed before anything is written;
-            its seconds are in the note), the copy (each blob hashed again as it is read), then
-            the comparison that reads every object back
+            bucket, the call ``rag-backup restore minio --buckets B --target-bucket T`` makes
+            (``defs.minio.run_restore``): the pre-flight (snapshot and every blob hashed before
+            anything is written; its seconds are in the note), the copy (each blob hashed again
+            as it is read), then the comparison that reads every object back
+encryption at rest
+  ours+enc  every row of ours again with an encrypted repository (a second directory and
+            offsite; a key generated for the run, passed as RAG_BACKUP_ENCRYPT_TO /
+            RAG_BACKUP_IDENTITY); the report gives encrypted / clear for the backups and the
+            restore, time and peak memory (target: time <= 1.10)
 
 Measurement (see ``measure.py``): each contender runs in its own process session; wall time,
 CPU and the peak RSS of its process tree. The S3 server's own work counts in wall time only.
@@ -32,7 +45,8 @@ ratios, which are taken on the same server in the same run.
 
 Usage::
 
-    .venv/bin/python benchmarks/minio_bench.py [--objects 10000] [--change 0.01] [--json out.json]
+    .venv/bin/python benchmarks/minio_bench.py [--objects 10000] [--change 0.01] \
+        [--offsite bucket|dir] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,12 +63,22 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
+from measure import (  # noqa: E402  (sibling module)
+    MB,
+    ProcessStats,
+    bench_main,
+    encryption_env,
+    encryption_overhead,
+    log,
+    open_repository,
+    render_encryption,
+    run_measured,
+)
 
 from rag_backup.devstack import DevStack
 from rag_backup.engines import minio as engine
-from rag_backup.repository import BackupRepository, FilesystemBackend
-from rag_backup.repository.manifest import utcnow
+from rag_backup.repository.manifest import Verification, utcnow
+from rag_backup.repository.offsite import copy_backup, open_offsite
 
 BUCKET = "bench-documents"
 WORKERS = 8
@@ -63,6 +87,9 @@ TIMEOUT_S = 3600.0
 NIGHT1 = (utcnow() - timedelta(days=1)).strftime("%Y-%m-%d")
 NIGHT2 = utcnow().strftime("%Y-%m-%d")
 CONTENT_TYPES = ("application/pdf", "text/html", "application/json", "image/png", "text/plain")
+OURS = ("ours", "ours+enc")  # our engine on a clear and on an encrypted repository
+OFFSITE_TARGET = 1.2  # offsite copy of the night's change / rclone sync of it (issue 16)
+RESTORE_TARGET = 1.1  # full-bucket restore / rclone sync bucket -> empty bucket
 
 BOTO3_LOOP = """
 import json, os, shutil, sys
@@ -152,13 +179,14 @@ def change(client, keys: list[str], share: float, seed: int = 7) -> tuple[int, i
 # -- contenders ------------------------------------------------------------------------------
 
 def worker(argv: list[str]) -> int:
-    """``_worker backup|verify|restore REPO PARTITION [TARGET]``: one engine call; a JSON
-    summary on stdout."""
+    """``_worker backup|verify|offsite|restore REPO PARTITION [OFFSITE|TARGET]``: one engine
+    call; a JSON summary on stdout. The repository is encrypted when the environment says so
+    (``measure.encryption_env``)."""
     action, repo_dir, partition, *target = argv
     s3 = engine.S3Endpoint(os.environ["RAG_S3_ENDPOINT"], os.environ["RAG_S3_ACCESS_KEY"],
                            os.environ["RAG_S3_SECRET_KEY"], os.environ["RAG_S3_REGION"],
                            max_connections=2 * WORKERS)
-    repo = BackupRepository(FilesystemBackend(repo_dir))
+    repo = open_repository(repo_dir)
     if action == "backup":
         with repo.begin("minio", partition, "minio-bench") as pending:
             out = engine.backup(s3, pending, [BUCKET], window=WINDOW, workers=WORKERS)
@@ -168,16 +196,25 @@ def worker(argv: list[str]) -> int:
                           "reused": out.objects_reused,
                           "tag_reads_saved": out.fingerprint["transfer"].get(
                               "tag_reads_saved", 0)}))
-    elif action == "restore":
+    elif action == "offsite":  # as the minio_offsite asset: the offsite opened with our keys
+        offsite = open_offsite(target[0], s3_endpoint=s3.url, s3_access_key=s3.access_key,
+                               s3_secret_key=s3.secret_key, s3_region=s3.region,
+                               crypto=repo.crypto)
+        print(json.dumps(copy_backup(repo, offsite, "minio", partition).counts()))
+    elif action == "restore":  # what defs.minio.run_restore (the CLI's restore) calls
         report = engine.restore(repo, repo.get("minio", partition), s3, buckets=[BUCKET],
                                 target_bucket=target[0], workers=WORKERS)
         print(json.dumps({"restored": report.total("restored"),
                           "bytes_restored": report.total("bytes_restored"),
                           "matches": report.matches_snapshot,
                           "preflight": report.preflight.to_dict()}))
-    else:
-        checks = engine.verify(repo, repo.get("minio", partition), workers=WORKERS)
-        print(json.dumps({k: v for k, v in checks.items() if isinstance(v, int)}))
+    else:  # verified and recorded, as minio_backup_verified does (the offsite copies only those)
+        record = repo.get("minio", partition)
+        checks = engine.verify(repo, record, workers=WORKERS)
+        counts = {k: v for k, v in checks.items() if isinstance(v, int)}
+        repo.record_verification("minio", partition, Verification(
+            record.backup_id, True, utcnow(), "minio-bench", checks=counts))
+        print(json.dumps(counts))
     return 0
 
 
@@ -186,20 +223,26 @@ def me(*args: str) -> list[str]:
 
 
 def rclone_env(env: dict[str, str]) -> dict[str, str]:
-    """The remote ``src:`` defined in the environment: no config file, no secret in argv."""
-    return {"RCLONE_CONFIG_SRC_TYPE": "s3", "RCLONE_CONFIG_SRC_PROVIDER": "Other",
-            "RCLONE_CONFIG_SRC_ENV_AUTH": "false",
-            "RCLONE_CONFIG_SRC_ACCESS_KEY_ID": env["RAG_S3_ACCESS_KEY"],
-            "RCLONE_CONFIG_SRC_SECRET_ACCESS_KEY": env["RAG_S3_SECRET_KEY"],
-            "RCLONE_CONFIG_SRC_ENDPOINT": env["RAG_S3_ENDPOINT"],
-            "RCLONE_CONFIG_SRC_REGION": env["RAG_S3_REGION"],
-            "RCLONE_CONFIG_SRC_FORCE_PATH_STYLE": "true",
-            "RCLONE_CONFIG": "/dev/null"}
+    """The remotes ``src:`` and ``dst:`` (the same server) defined in the environment: no
+    config file, no secret in argv. Two names, so a bucket-to-bucket sync streams through
+    rclone instead of asking the server to copy."""
+    remotes = {}
+    for name in ("SRC", "DST"):
+        remotes.update({
+            f"RCLONE_CONFIG_{name}_TYPE": "s3", f"RCLONE_CONFIG_{name}_PROVIDER": "Other",
+            f"RCLONE_CONFIG_{name}_ENV_AUTH": "false",
+            f"RCLONE_CONFIG_{name}_ACCESS_KEY_ID": env["RAG_S3_ACCESS_KEY"],
+            f"RCLONE_CONFIG_{name}_SECRET_ACCESS_KEY": env["RAG_S3_SECRET_KEY"],
+            f"RCLONE_CONFIG_{name}_ENDPOINT": env["RAG_S3_ENDPOINT"],
+            f"RCLONE_CONFIG_{name}_REGION": env["RAG_S3_REGION"],
+            f"RCLONE_CONFIG_{name}_FORCE_PATH_STYLE": "true"})
+    return {**remotes, "RCLONE_CONFIG": "/dev/null"}
 
 
-def rclone_restore_argv(mirror: Path, bucket: str, log_file: Path) -> list[str]:
-    """The mirror back into ``bucket`` (the remote ``src:``, i.e. the same server)."""
-    return ["rclone", "sync", str(mirror), f"src:{bucket}", "--transfers", str(WORKERS),
+def rclone_restore_argv(source: Path | str, bucket: str, log_file: Path) -> list[str]:
+    """``source`` (the mirror, or a remote's bucket) into ``bucket`` (the remote ``dst:``,
+    i.e. the same server)."""
+    return ["rclone", "sync", str(source), f"dst:{bucket}", "--transfers", str(WORKERS),
             "--checkers", str(2 * WORKERS), "--fast-list", "--stats", "0", "-v",
             "--log-file", str(log_file)]
 
@@ -230,7 +273,23 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def benchmark(count: int, share: float, work: Path) -> dict:
+def untimed(what: str, argv: list[str], env: dict[str, str]) -> None:
+    """A step of the nightly sequence the table does not show (run as the measured ones)."""
+    log(f"  (not in the table) {what}")
+    stats = run_measured(argv, what=what, timeout_s=TIMEOUT_S, env=env)
+    log(f"  {stats.wall_s:.2f} s")
+
+
+def offsite_location(kind: str, who: str, work: Path, client) -> str:
+    """The offsite repository of ``who``: a new bucket on the same S3 server, or a directory."""
+    if kind == "dir":
+        return str(work / f"offsite-{who.replace('+', '-')}")
+    bucket = f"bench-offsite-{who.replace('+', '-')}"
+    client.create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+def benchmark(count: int, share: float, offsite_kind: str, work: Path) -> dict:
     if not shutil.which("rclone"):
         raise SystemExit("rclone is not installed: apt-get install -y rclone")
     stack = DevStack(root=work / "stack", services=("s3",))
@@ -243,7 +302,11 @@ def benchmark(count: int, share: float, work: Path) -> dict:
         log(f"uploading {count:,} objects")
         keys, total = populate(client, count)
         log(f"{count:,} objects, {total / MB:.1f} MB")
-        repo, mirror, plain = work / "repo", work / "rclone-mirror", work / "boto3-copy"
+        mirror, plain = work / "rclone-mirror", work / "boto3-copy"
+        # ours on a clear and on an encrypted repository, each with its own offsite
+        repos = {"ours": work / "repo", "ours+enc": work / "repo-enc"}
+        envs = {who: {**env, **encryption_env(who == "ours+enc")} for who in OURS}
+        offsites = {who: offsite_location(offsite_kind, who, work, client) for who in OURS}
         rlog = work / "rclone.log"
         rows = []
 
@@ -259,19 +322,23 @@ def benchmark(count: int, share: float, work: Path) -> dict:
         row.objects_copied, row.mb_copied = out["objects"], out["bytes"] / MB
         rows.append(row)
 
-        row, stats = measured("full", "ours", f"backup() {WORKERS} workers",
-                              me("backup", str(repo), NIGHT1), env)
-        out = json.loads(stats.stdout)
-        row.objects_copied, row.mb_copied = out["copied"], out["bytes_copied"] / MB
-        row.note = f"{out['reused']} reused, {out['tag_reads_saved']} tag reads saved"
-        rows.append(row)
+        for who in OURS:
+            row, stats = measured("full", who, f"backup() {WORKERS} workers",
+                                  me("backup", str(repos[who]), NIGHT1), envs[who])
+            out = json.loads(stats.stdout)
+            row.objects_copied, row.mb_copied = out["copied"], out["bytes_copied"] / MB
+            row.note = f"{out['reused']} reused, {out['tag_reads_saved']} tag reads saved"
+            rows.append(row)
 
-        row, stats = measured("verify", "ours", "verify() all blobs",
-                              me("verify", str(repo), NIGHT1), env)
-        out = json.loads(stats.stdout)
-        row.note = f"{out['blobs_rehashed']} blobs re-hashed"
-        row.mb_copied = out["bytes_rehashed"] / MB
-        rows.append(row)
+        for who in OURS:
+            row, stats = measured("verify", who, "verify() all blobs",
+                                  me("verify", str(repos[who]), NIGHT1), envs[who])
+            out = json.loads(stats.stdout)
+            row.note = f"{out['blobs_rehashed']} blobs re-hashed"
+            row.mb_copied = out["bytes_rehashed"] / MB
+            rows.append(row)
+            untimed(f"{who}: the previous night's copy offsite",
+                    me("offsite", str(repos[who]), NIGHT1, offsites[who]), envs[who])
 
         changed, changed_bytes = change(client, keys, share)
         log(f"overwrote {changed} objects ({changed_bytes / MB:.1f} MB)")
@@ -281,37 +348,81 @@ def benchmark(count: int, share: float, work: Path) -> dict:
         row.objects_copied = rclone_copied(rlog)
         rows.append(row)
 
-        row, stats = measured("next", "ours", f"backup() {WORKERS} workers, next day",
-                              me("backup", str(repo), NIGHT2), env)
-        out = json.loads(stats.stdout)
-        row.objects_copied, row.mb_copied = out["copied"], out["bytes_copied"] / MB
-        row.note = f"{out['reused']} reused"
-        rows.append(row)
+        for who in OURS:
+            row, stats = measured("next", who, f"backup() {WORKERS} workers, next day",
+                                  me("backup", str(repos[who]), NIGHT2), envs[who])
+            out = json.loads(stats.stdout)
+            row.objects_copied, row.mb_copied = out["copied"], out["bytes_copied"] / MB
+            row.note = f"{out['reused']} reused"
+            rows.append(row)
 
-        # Restore the whole bucket (the next night's data: what the mirror holds too) into an
-        # empty bucket each.
-        for target in ("bench-restore-rclone", "bench-restore-ours"):
+        # The nightly sequence: the backup verified, then copied offsite, where the previous
+        # night's copy already is (only verified backups are copied).
+        for who in OURS:
+            untimed(f"{who}: verify() of the next day",
+                    me("verify", str(repos[who]), NIGHT2), envs[who])
+            row, stats = measured("offsite", who, f"copy_backup() to offsite {offsite_kind}",
+                                  me("offsite", str(repos[who]), NIGHT2, offsites[who]),
+                                  envs[who])
+            out = json.loads(stats.stdout)
+            row.objects_copied = out["blobs_copied"]
+            row.mb_copied = (out["bytes_copied"] + out["blob_bytes_copied"]) / MB
+            row.note = (f"{out['blobs_copied']} blob files and {out['files_copied']} others "
+                        f"copied, {out['blobs_skipped']} blob files already offsite")
+            rows.append(row)
+
+        # Restore the whole bucket (the next night's data: what the mirror and the source
+        # bucket hold too) into an empty bucket each.
+        targets = {"rclone": "bench-restore-rclone", "rclone-s3": "bench-restore-rclone-s3",
+                   "ours": "bench-restore-ours", "ours+enc": "bench-restore-ours-enc"}
+        for target in targets.values():
             client.create_bucket(Bucket=target)
-        row, _ = measured("restore", "rclone", "rclone sync mirror->empty bucket",
-                          rclone_restore_argv(mirror, "bench-restore-rclone", rlog),
-                          rclone_env(env))
-        row.objects_copied = rclone_copied(rlog)
-        rows.append(row)
+        for who, source, what in (("rclone", mirror, "rclone sync mirror->empty bucket"),
+                                  ("rclone-s3", f"src:{BUCKET}",
+                                   "rclone sync bucket->empty bucket")):
+            row, _ = measured("restore", who, what,
+                              rclone_restore_argv(source, targets[who], rlog), rclone_env(env))
+            row.objects_copied = rclone_copied(rlog)
+            rows.append(row)
 
-        row, stats = measured("restore", "ours", f"restore() {WORKERS} workers, empty bucket",
-                              me("restore", str(repo), NIGHT2, "bench-restore-ours"), env)
-        out = json.loads(stats.stdout)
-        pre = out["preflight"]
-        preflight_s = pre["duration_s"]
-        row.objects_copied, row.mb_copied = out["restored"], out["bytes_restored"] / MB
-        row.note = (f"pre-flight {pre['duration_s']:.2f} s ({pre['blobs_checked']} blobs, "
-                    f"{pre['bytes_hashed'] / MB:.1f} MB hashed); matches {out['matches']}")
-        rows.append(row)
-        repo_mb = tree_bytes(repo) / MB
+        preflight_s = {}
+        for who in OURS:
+            row, stats = measured("restore", who, f"restore() {WORKERS} workers, empty bucket",
+                                  me("restore", str(repos[who]), NIGHT2, targets[who]),
+                                  envs[who])
+            out = json.loads(stats.stdout)
+            pre = out["preflight"]
+            preflight_s[who] = pre["duration_s"]
+            row.objects_copied, row.mb_copied = out["restored"], out["bytes_restored"] / MB
+            row.note = (f"pre-flight {pre['duration_s']:.2f} s ({pre['blobs_checked']} blobs, "
+                        f"{pre['bytes_hashed'] / MB:.1f} MB hashed); matches {out['matches']}")
+            rows.append(row)
+        by = {(r.phase, r.who): asdict(r) for r in rows}
+
+        def versus(a: tuple[str, str], b: tuple[str, str], target: float) -> dict:
+            ratio = by[a]["wall_s"] / by[b]["wall_s"]
+            return {"ratio": round(ratio, 4), "target": target, "within_target": ratio <= target}
+
         return {"objects": count, "bytes": total, "changed": changed,
-                "restore_preflight_s": preflight_s,
-                "changed_bytes": changed_bytes, "repository_mb_after_two_nights": repo_mb,
-                "mirror_mb": tree_bytes(mirror) / MB, "rows": [asdict(r) for r in rows]}
+                "restore_preflight_s": preflight_s["ours"],
+                "restore_preflight_s_encrypted": preflight_s["ours+enc"],
+                "changed_bytes": changed_bytes, "offsite": offsite_kind,
+                "repository_mb_after_two_nights": tree_bytes(repos["ours"]) / MB,
+                "encrypted_repository_mb_after_two_nights": tree_bytes(repos["ours+enc"]) / MB,
+                "mirror_mb": tree_bytes(mirror) / MB, "rows": [asdict(r) for r in rows],
+                "targets": {
+                    "offsite copy time, ours / rclone sync (next)": versus(
+                        ("offsite", "ours"), ("next", "rclone"), OFFSITE_TARGET),
+                    "offsite copy time, ours+enc / rclone sync (next)": versus(
+                        ("offsite", "ours+enc"), ("next", "rclone"), OFFSITE_TARGET),
+                    "full restore time, ours / rclone bucket->bucket": versus(
+                        ("restore", "ours"), ("restore", "rclone-s3"), RESTORE_TARGET),
+                    "full restore time, ours+enc / rclone bucket->bucket": versus(
+                        ("restore", "ours+enc"), ("restore", "rclone-s3"), RESTORE_TARGET)},
+                "encryption": encryption_overhead({
+                    name: (by[(phase, "ours")], by[(phase, "ours+enc")])
+                    for name, phase in (("full backup", "full"), ("next backup", "next"),
+                                        ("full restore", "restore"))})}
     finally:
         stack.down()
 
@@ -321,11 +432,11 @@ def render(report: dict) -> str:
     lines = [f"MinIO benchmark: {n:,} objects, {mb:.1f} MB, on moto S3 (one core); next night "
              f"{report['changed']} objects ({report['changed_bytes'] / MB:.1f} MB) overwritten",
              "",
-             f"{'phase':8}{'who':7}{'what':34}{'wall s':>8}{'obj/s':>9}{'MB/s':>8}"
+             f"{'phase':8}{'who':10}{'what':34}{'wall s':>8}{'obj/s':>9}{'MB/s':>8}"
              f"{'copied':>8}{'tree RSS MB':>13}{'proc RSS MB':>13}{'CPU s':>8}  note"]
     by = {(r["phase"], r["who"]): r for r in report["rows"]}
     for r in report["rows"]:
-        lines.append(f"{r['phase']:8}{r['who']:7}{r['what']:34}{r['wall_s']:8.2f}"
+        lines.append(f"{r['phase']:8}{r['who']:10}{r['what']:34}{r['wall_s']:8.2f}"
                      f"{n / r['wall_s']:9,.0f}{mb / r['wall_s']:8.1f}{r['objects_copied']:8,}"
                      f"{r['tree_rss_mb']:13.1f}{r['proc_rss_mb']:13.1f}{r['cpu_s']:8.2f}"
                      f"  {r['note']}")
@@ -354,11 +465,21 @@ def render(report: dict) -> str:
               f"{ratio(('restore', 'ours'), ('restore', 'rclone')):.2f}",
               f"  restore tree RSS,  ours / rclone sync        "
               f"{ratio(('restore', 'ours'), ('restore', 'rclone'), 'tree_rss_mb'):.2f}",
+              f"  restore tree RSS,  ours / rclone s3->s3      "
+              f"{ratio(('restore', 'ours'), ('restore', 'rclone-s3'), 'tree_rss_mb'):.2f}",
               f"  restore pre-flight / ours restore time       "
               f"{report['restore_preflight_s'] / by[('restore', 'ours')]['wall_s']:.2f}",
-              "",
+              f"  offsite copy time, ours+enc / ours           "
+              f"{ratio(('offsite', 'ours+enc'), ('offsite', 'ours')):.2f}",
+              "", f"targets (offsite: to {report['offsite']}; time ratios)"]
+    for name, t in report["targets"].items():
+        verdict = "ok" if t["within_target"] else "ABOVE TARGET"
+        lines.append(f"  {name:<52}{t['ratio']:6.2f}  (<= {t['target']:.2f}) {verdict}")
+    lines += ["", *render_encryption(report["encryption"]), "",
               f"repository after two nights: {report['repository_mb_after_two_nights']:.1f} MB "
-              f"(two restorable days); rclone mirror: {report['mirror_mb']:.1f} MB (one day)"]
+              f"(two restorable days), encrypted "
+              f"{report['encrypted_repository_mb_after_two_nights']:.1f} MB; rclone mirror: "
+              f"{report['mirror_mb']:.1f} MB (one day)"]
     return "\n".join(lines)
 
 
@@ -368,10 +489,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--objects", type=int, default=10_000)
     parser.add_argument("--change", type=float, default=0.01, help="share overwritten")
+    parser.add_argument("--offsite", choices=("bucket", "dir"), default="bucket",
+                        help="the offsite repository: a bucket on the same S3 server, or a "
+                             "directory")
     # rclone (Debian) fails against a local S3 endpoint while AWS_CA_BUNDLE is set (DESIGN.md);
     # every contender runs without it.
     os.environ.pop("AWS_CA_BUNDLE", None)
-    return bench_main(parser, lambda args, work: benchmark(args.objects, args.change, work),
+    return bench_main(parser, lambda args, work: benchmark(args.objects, args.change,
+                                                           args.offsite, work),
                       render, prefix="minio-bench-")
 
 

@@ -17,6 +17,10 @@ restore (each into a new database; the clock includes creating it)
   runbook   with ``--serial``: ``createdb && gunzip -c file | pg_restore`` (stdin: no ``-j``)
   ours      ``restore(jobs=2)``: sha256 + zstd decompression to a temporary file, pg_restore -j 2
             into a staging database, row counts checked against the manifest, rename into place
+encryption at rest
+  ours+enc  our backup and restore again with an encrypted repository (a second directory; a
+            key generated for the run, passed as RAG_BACKUP_ENCRYPT_TO / RAG_BACKUP_IDENTITY);
+            the report gives encrypted / clear for time and peak memory (target: time <= 1.10)
 
 Every contender runs ``--repeat`` times (default 3), round-robin so drift hits all alike; the
 table shows the median of each number and the range of the wall times.
@@ -80,12 +84,19 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from measure import MB, log, run_measured  # noqa: E402
+from measure import (  # noqa: E402
+    MB,
+    encryption_env,
+    encryption_overhead,
+    log,
+    open_repository,
+    render_encryption,
+    run_measured,
+)
 from psycopg2 import sql
 
 from rag_backup.engines import postgres as pg
 from rag_backup.proc import run, tail
-from rag_backup.repository import BackupRepository, FilesystemBackend
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 RANDOM_ROWS_PER_SCALE = 40_000
@@ -219,11 +230,12 @@ def create_dataset(server: pg.PostgresServer, name: str, scale: int, rows: int) 
 @dataclass(frozen=True)
 class Contender:
     phase: str            # backup / verify / restore
-    who: str              # ours / native / runbook
+    who: str              # ours / ours+enc / native / runbook
     label: str            # what it runs, for the table
     argv: list[str]
     artifact: Path | None = None        # the file the backup writes (native, runbook)
     creates_database: str | None = None  # restores: dropped again after measuring
+    env: dict[str, str] = field(default_factory=dict)  # ours: clear or encrypted repository
 
 
 @dataclass
@@ -270,6 +282,7 @@ def backup_contenders(server: pg.PostgresServer, db: str, work: Path,
                       zstd_level: int) -> list[Contender]:
     pg_dump, dsn = server.tool("pg_dump"), server.dsn(db)
     native, runbook, repo = work / "native.dump", work / "runbook.dump.gz", work / "repo"
+    clear, encrypted = encryption_env(False), encryption_env(True)
     return [
         Contender("backup", "native", "pg_dump -Fc", [
             pg_dump, "--format=custom", "--no-password", f"--file={native}", f"--dbname={dsn}",
@@ -278,8 +291,12 @@ def backup_contenders(server: pg.PostgresServer, db: str, work: Path,
             '"$1" --format=custom --no-password --dbname="$2" | gzip > "$3"',
             pg_dump, dsn, str(runbook)), artifact=runbook),
         Contender("backup", "ours", f"backup() zstd-{zstd_level}", worker_argv(
-            server, "backup", repo, "--database", db, "--zstd-level", str(zstd_level))),
-        Contender("verify", "ours", "verify()", worker_argv(server, "verify", repo)),
+            server, "backup", repo, "--database", db, "--zstd-level", str(zstd_level)),
+            env=clear),
+        Contender("backup", "ours+enc", f"backup() zstd-{zstd_level}", worker_argv(
+            server, "backup", work / "repo-enc", "--database", db, "--zstd-level",
+            str(zstd_level)), env=encrypted),
+        Contender("verify", "ours", "verify()", worker_argv(server, "verify", repo), env=clear),
     ]
 
 
@@ -300,7 +317,11 @@ def restore_contenders(server: pg.PostgresServer, db: str, work: Path, jobs: int
         native_restore(f"{db}_native_j{jobs}", jobs),
         Contender("restore", "ours", f"restore(jobs={jobs})", worker_argv(
             server, "restore", repo, "--database", db, "--target", f"{db}_ours",
-            "--jobs", str(jobs)), creates_database=f"{db}_ours"),
+            "--jobs", str(jobs)), creates_database=f"{db}_ours", env=encryption_env(False)),
+        Contender("restore", "ours+enc", f"restore(jobs={jobs})", worker_argv(
+            server, "restore", work / "repo-enc", "--database", db, "--target",
+            f"{db}_ours_enc", "--jobs", str(jobs)), creates_database=f"{db}_ours_enc",
+            env=encryption_env(True)),
     ]
     if serial:
         contenders.append(native_restore(f"{db}_native_j1", 1))
@@ -314,13 +335,14 @@ def restore_contenders(server: pg.PostgresServer, db: str, work: Path, jobs: int
 
 def measure(server: pg.PostgresServer, contender: Contender, db_size: int,
             timeout_s: float) -> Result:
-    env = dict(server.env())
+    env = {**server.env(), **contender.env}
     env["RAG_PG_PASSWORD"] = server.password
     if contender.creates_database:
         env["DSN"] = server.dsn(contender.creates_database)
     what = f"{contender.phase} {contender.who} ({contender.label})"
     stats = run_measured(contender.argv, what=what, timeout_s=timeout_s, env=env)
-    detail: dict[str, Any] = json.loads(stats.stdout) if contender.who == "ours" else {}
+    detail: dict[str, Any] = (json.loads(stats.stdout) if contender.who.startswith("ours")
+                              else {})
     artifact = (contender.artifact.stat().st_size if contender.artifact
                 else detail.get("artifact_bytes"))
     if contender.creates_database:
@@ -347,7 +369,7 @@ def worker(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     server = pg.PostgresServer(args.host, args.port, args.user,
                                os.environ.get("RAG_PG_PASSWORD", ""))
-    repo = BackupRepository(FilesystemBackend(args.repo))
+    repo = open_repository(args.repo)
     started, engine_log = time.monotonic(), []
 
     def note(message: str) -> None:
@@ -420,6 +442,16 @@ class Report:
                 out[name] = getattr(ours, attr) / getattr(other, attr)
         return out
 
+    def encryption(self) -> dict[str, dict[str, Any]]:
+        """Encrypted / clear for our backup and restore (``measure.encryption_overhead``)."""
+        def row(phase: str, who: str) -> dict[str, float]:
+            found = self.find(phase, who)
+            assert found is not None
+            return {"wall_s": found.wall_s, "tree_rss_mb": found.peak_tree_rss_bytes / MB}
+
+        return encryption_overhead({phase: (row(phase, "ours"), row(phase, "ours+enc"))
+                                    for phase in ("backup", "restore")})
+
     def to_json(self) -> dict[str, Any]:
         return {"server": self.server, "server_version": self.server_version,
                 "pg_dump_version": self.pg_dump_version, "settings": self.settings,
@@ -427,7 +459,8 @@ class Report:
                 "repeat": self.repeat,
                 "dataset": asdict(self.dataset),
                 "results": [asdict(r) for r in self.results],
-                "ratios": {k: round(v, 4) for k, v in self.ratios().items()}}
+                "ratios": {k: round(v, 4) for k, v in self.ratios().items()},
+                "encryption": self.encryption()}
 
 
 def _mb(value: int | None) -> str:
@@ -444,24 +477,25 @@ def render(report: Report) -> str:
          f"{report.pg_dump_version}; {report.cpus} CPUs; medians of {report.repeat} round(s)"),
         "settings: " + ", ".join(f"{k}={v}" for k, v in report.settings.items()),
         "",
-        (f"{'phase':<8}{'who':<8}{'what':<24}{'wall s':>8}{'runs s':>13}{'MB/s':>8}"
+        (f"{'phase':<8}{'who':<10}{'what':<24}{'wall s':>8}{'runs s':>13}{'MB/s':>8}"
          f"{'artifact MB':>13}{'% db':>6}{'tree RSS MB':>13}{'proc RSS MB':>13}{'CPU s':>7}"),
     ]
     for r in report.results:
         share = "-" if r.artifact_bytes is None else f"{100 * r.artifact_bytes / ds.size_bytes:.1f}"
         spread = f"{min(r.wall_s_runs):.1f}-{max(r.wall_s_runs):.1f}"
         lines.append(
-            f"{r.phase:<8}{r.who:<8}{r.label:<24}{r.wall_s:>8.1f}{spread:>13}{r.mb_per_s:>8.1f}"
+            f"{r.phase:<8}{r.who:<10}{r.label:<24}{r.wall_s:>8.1f}{spread:>13}{r.mb_per_s:>8.1f}"
             f"{_mb(r.artifact_bytes):>13}{share:>6}{_mb(r.peak_tree_rss_bytes):>13}"
             f"{_mb(r.max_proc_rss_bytes):>13}{r.cpu_s:>7.1f}")
     lines += ["", "ratios (ours / other; time and size: < 1 is better for ours)"]
     lines += [f"  {name:<42}{value:>7.2f}" for name, value in report.ratios().items()]
+    lines += ["", *render_encryption(report.encryption())]
     restored = [f"{r.who} {r.label}: {_mb(r.detail['restored_database_bytes'])} MB"
                 for r in report.results if "restored_database_bytes" in r.detail]
     if restored:
         lines += ["", "restored database sizes (source: " + _mb(ds.size_bytes) + " MB): "
                   + "; ".join(restored)]
-    steps = [f"  {r.label}: at {t:.1f} s: {message}" for r in report.results
+    steps = [f"  {r.who} {r.label}: at {t:.1f} s: {message}" for r in report.results
              for t, message in r.detail.get("engine_log", [])]
     if steps:
         lines += ["", "our engine's own log, last round (seconds since the worker started):",

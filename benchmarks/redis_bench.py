@@ -18,6 +18,10 @@ restore (into the emptied server)
             loaded (``loading:0``); the server must be stopped for this in production
   ours      ``replay()``: DUMP/RESTORE ... ABSTTL pipelined from a private server holding the
             backup into the running, emptied server
+encryption at rest
+  ours+enc  the same backup and replay with an encrypted repository (a second directory; a key
+            generated for the run, passed as RAG_BACKUP_ENCRYPT_TO / RAG_BACKUP_IDENTITY); the
+            report gives encrypted / clear for time and peak memory (target: time <= 1.10)
 
 Measurement (see ``measure.py``): each contender runs in its own process session; wall time,
 CPU and the peak RSS of its process tree (redis-cli, the private redis-server, python). The
@@ -42,11 +46,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
-from measure import MB, ProcessStats, bench_main, log, run_measured  # noqa: E402  (sibling module)
+from measure import (  # noqa: E402  (sibling module)
+    MB,
+    ProcessStats,
+    bench_main,
+    encryption_env,
+    encryption_overhead,
+    log,
+    open_repository,
+    render_encryption,
+    run_measured,
+)
 
 from rag_backup.devstack import DevStack
 from rag_backup.engines import redis as engine
-from rag_backup.repository import BackupRepository, FilesystemBackend
 
 PARTITION = "2026-11-24-02:00"
 BATCH = 10_000
@@ -95,7 +108,7 @@ def worker(argv: list[str]) -> int:
     action, repo_dir = argv[0], argv[1]
     server = engine.RedisServer(os.environ["RAG_REDIS_HOST"], int(os.environ["RAG_REDIS_PORT"]),
                                 os.environ["RAG_REDIS_PASSWORD"])
-    repo = BackupRepository(FilesystemBackend(repo_dir))
+    repo = open_repository(repo_dir)
     if action == "backup":
         with repo.begin("redis", PARTITION, "redis-bench") as pending:
             out = engine.backup(server, pending)
@@ -200,22 +213,32 @@ def benchmark(keys: int, work: Path) -> dict:
         row.note = "fresh copy" if after != before else "STALE copy (BGSAVE not done in 5 s)"
         rows.append(row)
 
-        wait_idle(client)
-        repo = work / "repo"
-        row, stats = measured("backup", "ours", "backup() zstd-3", me("backup", str(repo)), env)
-        row.artifact_mb = json.loads(stats.stdout)["artifact_bytes"] / MB
-        rows.append(row)
-        rows.append(measured("verify", "ours", "verify()", me("verify", str(repo)), env)[0])
+        # ours, then ours with an encrypted repository (a second directory), on the same data
+        repos = {"ours": work / "repo", "ours+enc": work / "repo-enc"}
+        for who, repo in repos.items():
+            wait_idle(client)
+            row, stats = measured("backup", who, "backup() zstd-3", me("backup", str(repo)),
+                                  {**env, **encryption_env(who == "ours+enc")})
+            row.artifact_mb = json.loads(stats.stdout)["artifact_bytes"] / MB
+            rows.append(row)
+        rows.append(measured("verify", "ours", "verify()", me("verify", str(repos["ours"])),
+                             {**env, **encryption_env(False)})[0])
 
         rows.append(load_at_start(native_rdb, work))
-        client.flushall()
-        row, stats = measured("restore", "ours", "replay() DUMP/RESTORE ABSTTL",
-                              me("replay", str(repo)), env)
-        result = json.loads(stats.stdout)
-        row.note = f"{result['restored']} keys, matches manifest: {result['matches']}"
-        rows.append(row)
+        for who, repo in repos.items():
+            client.flushall()
+            row, stats = measured("restore", who, "replay() DUMP/RESTORE ABSTTL",
+                                  me("replay", str(repo)),
+                                  {**env, **encryption_env(who == "ours+enc")})
+            result = json.loads(stats.stdout)
+            row.note = f"{result['restored']} keys, matches manifest: {result['matches']}"
+            rows.append(row)
         client.close()
-        return {"keys": keys, "rows": [asdict(r) for r in rows]}
+        by = {(r.phase, r.who): asdict(r) for r in rows}
+        return {"keys": keys, "rows": [asdict(r) for r in rows],
+                "encryption": encryption_overhead({
+                    phase: (by[(phase, "ours")], by[(phase, "ours+enc")])
+                    for phase in ("backup", "restore")})}
     finally:
         stack.down()
 
@@ -224,12 +247,12 @@ def render(report: dict) -> str:
     keys = report["keys"]
     lines = [f"Redis benchmark: {keys:,} keys in 2 dbs (70% strings with TTL, 20% hashes with "
              "TTL, 10% plain)", "",
-             f"{'phase':8}{'who':8}{'what':34}{'wall s':>8}{'keys/s':>11}{'artifact MB':>13}"
+             f"{'phase':8}{'who':10}{'what':34}{'wall s':>8}{'keys/s':>11}{'artifact MB':>13}"
              f"{'tree RSS MB':>13}{'proc RSS MB':>13}{'CPU s':>8}  note"]
     by = {(r["phase"], r["who"]): r for r in report["rows"]}
     for r in report["rows"]:
         artifact = f"{r['artifact_mb']:.1f}" if r["artifact_mb"] is not None else "-"
-        lines.append(f"{r['phase']:8}{r['who']:8}{r['what']:34}{r['wall_s']:8.2f}"
+        lines.append(f"{r['phase']:8}{r['who']:10}{r['what']:34}{r['wall_s']:8.2f}"
                      f"{keys / r['wall_s']:11,.0f}{artifact:>13}{r['tree_rss_mb']:13.1f}"
                      f"{r['proc_rss_mb']:13.1f}{r['cpu_s']:8.2f}  {r['note']}")
 
@@ -246,7 +269,8 @@ def render(report: dict) -> str:
               f"  restore time, replay / load at server start  "
               f"{ratio(('restore', 'ours'), ('restore', 'native')):.2f}",
               f"  backup tree RSS, ours / native               "
-              f"{ratio(('backup', 'ours'), ('backup', 'native'), 'tree_rss_mb'):.2f}"]
+              f"{ratio(('backup', 'ours'), ('backup', 'native'), 'tree_rss_mb'):.2f}",
+              "", *render_encryption(report["encryption"])]
     return "\n".join(lines)
 
 
