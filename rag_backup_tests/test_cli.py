@@ -515,7 +515,7 @@ def test_a_tampered_manifest_is_refused_by_verify_and_restore(env, backups, repo
                                                          doc["partition"]), 1)
     finally:
         path.write_bytes(original)
-    ok(rag_backup(env, "verify", "redis", doc["partition"]))
+    ok(rag_backup(env, "verify", "redis", doc["partition"]))  # the later tests restore it
 
 
 def test_a_restore_without_or_with_a_wrong_identity_fails_and_changes_nothing(env, backups,
@@ -591,8 +591,12 @@ def test_key_rotation_rewraps_headers_only_and_leaves_every_backup_to_the_new_ke
 
     new_env = {**env, "RAG_BACKUP_IDENTITY": str(only_new),
                "RAG_BACKUP_ENCRYPT_TO": str(new.recipient)}
-    for store in STORES:
+    for store in ("redis", "minio"):  # an artifact, and blobs: read back with the new key
         ok(rag_backup(new_env, "verify", store, backups[store]["partition"]))
+    for store in STORES:  # every manifest's sealed fingerprint opens with the new key
+        shown = json.loads(ok(rag_backup(new_env, "show", store, backups[store]["partition"],
+                                         "--json")).stdout)
+        assert shown["manifest"]["fingerprint"], store
     line = one_error_line(rag_backup(env, "verify", "redis", backups["redis"]["partition"]), 2)
     assert "not encrypted to the configured identity" in line
     line = one_error_line(rag_backup(env, "backup", "redis"), 2)  # still writing to old
