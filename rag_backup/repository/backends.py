@@ -519,9 +519,13 @@ class S3Backend:
                 raise
             raise translated from exc
 
+    def _writer(self, key: str) -> _S3MultipartWriter:
+        """The multipart writer of ``key`` (a subclass may add headers to its requests)."""
+        return _S3MultipartWriter(self, key)
+
     @contextlib.contextmanager
     def open_write(self, key: str) -> Iterator[BinaryIO]:
-        writer = _S3MultipartWriter(self, key)
+        writer = self._writer(key)
         try:
             yield writer  # type: ignore[misc]
             writer.complete()

@@ -19,14 +19,12 @@ once its retention date has passed; a version still locked is reported, never fo
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import BinaryIO
 
 from rag_backup.errors import InvalidRequest
-from rag_backup.repository.backends import S3Backend, _S3MultipartWriter, cleanup_after
+from rag_backup.repository.backends import S3Backend, _S3MultipartWriter
 
 LOCK_MODES = ("COMPLIANCE", "GOVERNANCE")
 DEFAULT_LOCK_MODE = "COMPLIANCE"
@@ -110,16 +108,8 @@ class LockedS3Backend(S3Backend):
                 Retention={"Mode": args["ObjectLockMode"],
                            "RetainUntilDate": args["ObjectLockRetainUntilDate"]})
 
-    @contextlib.contextmanager
-    def open_write(self, key: str) -> Iterator[BinaryIO]:
-        writer = _LockedMultipartWriter(self, key)
-        try:
-            yield writer  # type: ignore[misc]
-            writer.complete()
-        except BaseException as exc:
-            cleanup_after(exc, f"aborting the multipart upload of {self.location(key)}",
-                          writer.abort)
-            raise
+    def _writer(self, key: str) -> _LockedMultipartWriter:
+        return _LockedMultipartWriter(self, key)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._op("write", key):
