@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rag_backup.devstack.base import Launch, Service, base_env, write_private
 from rag_backup.devstack.procs import DevStackError, run_tool
+from rag_backup.engines.postgres.pitr.instance import socket_dir_for
 from rag_backup.devstack.settings import (
     DAGSTER_DB,
     DAGSTER_USER,
@@ -38,7 +39,6 @@ from rag_backup.devstack.settings import (
 
 DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
 INITDB_TIMEOUT_S = 120.0
-SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, minus "/.s.PGSQL.NNNNN"
 HOST = "127.0.0.1"
 
 # (role, secret name, database owned by the role)
@@ -116,7 +116,9 @@ class PostgresService(Service):
         super().__init__(root, state)
         self.bindir = find_pg_bindir(bindir)
         self.data_dir = self.dir / "data"
-        self.socket_dir = self.dir / "run"
+        # run/ beside the data, or a short directory under /tmp when that path is too long for a
+        # unix socket (deep pytest work directories are)
+        self.socket_dir = socket_dir_for(self.data_dir)
         self.run_as = "postgres" if os.geteuid() == 0 else None
 
     # -- identity of the server's OS user ---------------------------------------------------------
@@ -147,11 +149,6 @@ class PostgresService(Service):
         if owner is not None:
             gids = {owner[1], *os.getgrouplist(self.run_as, owner[1])}  # type: ignore[arg-type]
             ensure_traversable(self.dir, owner[0], gids)
-        socket_path = self.socket_dir / ".s.PGSQL.65535"
-        if len(str(socket_path)) > SOCKET_PATH_MAX:
-            raise DevStackError(
-                f"postgres: the socket path {socket_path} is longer than a unix socket allows; use a shorter --root"
-            )
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
 
