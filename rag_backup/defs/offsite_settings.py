@@ -47,12 +47,9 @@ class OffsiteSettings(dg.ConfigurableResource):
     def offsite_configured(self) -> bool:
         return bool(self.offsite_location)
 
-    def _offsite_crypto(self) -> Any:
-        """The primary's encryption settings (the offsite holds the same ciphertext)."""
-        from rag_backup.repository.sealed import ENV_IDENTITY, ENV_RECIPIENTS, Crypto
-
-        return Crypto.from_env({ENV_RECIPIENTS: getattr(self, "encrypt_to", None) or "",
-                                ENV_IDENTITY: getattr(self, "identity", None) or ""})
+    def crypto(self) -> Any:
+        """The repositories' keys (``BackupRepositoryResource.crypto``)."""
+        return None
 
     def open_offsite(self) -> BackupRepository | None:
         """The offsite repository, or ``None`` when RAG_BACKUP_OFFSITE is unset."""
@@ -65,7 +62,7 @@ class OffsiteSettings(dg.ConfigurableResource):
                             s3_secret_key=self.offsite_s3_secret_key,
                             s3_region=self.offsite_s3_region, lock_mode=self.offsite_lock_mode,
                             retention_days=self.offsite_retention_days or None,
-                            crypto=self._offsite_crypto())
+                            crypto=self.crypto())
 
 
 def offsite_settings_from_env() -> dict[str, Any]:

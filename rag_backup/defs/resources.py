@@ -42,9 +42,12 @@ class BackupRepositoryResource(OffsiteSettings):  # and the offsite copy's setti
     def open(self) -> BackupRepository:
         return BackupRepository(backend_from_url(
             self.location, s3_endpoint=self.s3_endpoint, s3_access_key=self.s3_access_key,
-            s3_secret_key=self.s3_secret_key, s3_region=self.s3_region),
-            Crypto.from_env({ENV_RECIPIENTS: self.encrypt_to or "",
-                             ENV_IDENTITY: self.identity or ""}))
+            s3_secret_key=self.s3_secret_key, s3_region=self.s3_region), self.crypto())
+
+    def crypto(self) -> Crypto | None:
+        """The keys of both repositories (the offsite holds the same ciphertext)."""
+        return Crypto.from_env({ENV_RECIPIENTS: self.encrypt_to or "",
+                                ENV_IDENTITY: self.identity or ""})
 
 
 class PostgresResource(dg.ConfigurableResource):

@@ -126,14 +126,8 @@ class Recipient:
 
     @classmethod
     def parse(cls, text: str) -> Recipient:
-        try:
-            hrp, data = bech32_decode(text.strip())
-        except ValueError as exc:
-            raise InvalidRequest(f"{_redact(text)!r} is not an age public key (age1...): "
-                                 f"{exc}") from exc
-        if hrp != PUBLIC_HRP or len(data) != 32:
-            raise InvalidRequest(f"{_redact(text)!r} is not an age X25519 public key (age1...)")
-        return cls(data)
+        return cls(_decode_key(text, PUBLIC_HRP, InvalidRequest,
+                               f"{_redact(text)!r} is not an age public key (age1..., X25519)"))
 
     def __str__(self) -> str:
         return bech32_encode(PUBLIC_HRP, self.public)
@@ -156,16 +150,9 @@ class Identity:
                                      serialization.NoEncryption()))
 
     @classmethod
-    def parse(cls, text: str) -> Identity:
-        try:
-            hrp, data = bech32_decode(text.strip())
-        except ValueError as exc:
-            raise IdentityError(f"an identity is not an age secret key (AGE-SECRET-KEY-1...): "
-                                f"{exc}") from exc
-        if hrp != SECRET_HRP or len(data) != 32:
-            raise IdentityError("an identity is not an age X25519 secret key "
-                                "(AGE-SECRET-KEY-1...)")
-        return cls(data)
+    def parse(cls, text: str) -> Identity:  # the message never quotes the secret
+        return cls(_decode_key(text, SECRET_HRP, IdentityError, "an identity is not an age "
+                               "X25519 secret key (AGE-SECRET-KEY-1...)"))
 
     def encode(self) -> str:
         return bech32_encode(SECRET_HRP, self.secret).upper()
@@ -197,6 +184,17 @@ class Identity:
             return ChaCha20Poly1305(key).decrypt(b"\x00" * 12, stanza.body, None)
         except InvalidTag:
             return None
+
+
+def _decode_key(text: str, hrp: str, error: type[Exception], what: str) -> bytes:
+    """The 32 key bytes of a bech32 age key of kind ``hrp``; ``error(what: why)`` if not one."""
+    try:
+        found, data = bech32_decode(text.strip())
+    except ValueError as exc:
+        raise error(f"{what}: {exc}") from exc
+    if found != hrp or len(data) != 32:
+        raise error(what)
+    return data
 
 
 def _redact(text: str) -> str:
