@@ -558,6 +558,14 @@ def test_backups_taken_before_encryption_stay_readable(env, stack_env, tmp_path)
     assert [r["verified"] for r in rows] == ["yes", "yes"]
 
 
+def test_a_backup_side_with_the_public_key_only_backs_up_minio_reading_every_object(env,
+                                                                                    backups):
+    public_only = {k: v for k, v in env.items() if k != "RAG_BACKUP_IDENTITY"}
+    done = ok(rag_backup(public_only, "-v", "backup", "minio", "--json"))
+    assert "no identity opens it, reading every object again" in done.stderr
+    assert json.loads(done.stdout)["backup_id"] != backups["minio"]["backup_id"]
+
+
 def test_key_rotation_rewraps_headers_only_and_leaves_every_backup_to_the_new_key(
         env, backups, repo_dir, identity, tmp_path):
     import hashlib

@@ -73,6 +73,7 @@ from rag_backup.engines.minio.snapshot import (
 )
 from rag_backup.errors import IntegrityError, InvalidRequest, StoreUnreachable
 from rag_backup.repository import BackupRecord, BackupRepository, BlobWriter, PendingBackup
+from rag_backup.repository.crypto import IdentityError
 from rag_backup.repository.manifest import utcnow
 
 
@@ -337,17 +338,23 @@ def _estimate_objects(source: BackupRecord | None, buckets: Sequence[str]) -> in
         return None
     try:
         counts = fingerprint_of(source).buckets
-    except IntegrityError:  # a damaged fingerprint: no estimate (the backup copies anyway)
+    except (IntegrityError, IdentityError):  # damaged, or sealed without a key: no estimate
         return None
     return sum(counts[b].objects for b in buckets if b in counts) or None
 
 
 def _previous_entries(copier: _Copier, source: BackupRecord | None, bucket: str,
                       log: Log) -> Iterator[ObjectEntry]:
-    if source is None or bucket not in snapshot_buckets(source):
+    if source is None:
         return iter(())
     try:
+        if bucket not in snapshot_buckets(source):
+            return iter(())
         check_snapshot(copier.repo, source, bucket)
+    except IdentityError as exc:  # a backup side with the public key only
+        log(f"bucket {bucket}: the snapshot of {source.partition_key} is encrypted and no "
+            f"identity opens it, reading every object again ({exc})")
+        return iter(())
     except IntegrityError as exc:
         log(f"bucket {bucket}: the snapshot of {source.partition_key} is damaged, copying every "
             f"object again ({exc})")
