@@ -19,7 +19,7 @@ import json
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,6 +69,7 @@ from rag_backup.engines.milvus.probes import (
     search_params,
 )
 from rag_backup.engines.milvus.schema import arrow_schema, describe, primary_field, vector_fields
+from rag_backup.engines.prefetch import read_ahead
 from rag_backup.errors import InvalidRequest, RagBackupError
 from rag_backup.repository import PendingBackup
 
@@ -202,18 +203,25 @@ def backup_collection(client: MilvusClient, server: MilvusServer, name: str,
 
         def batches(partition: str | None) -> Iterator[pa.RecordBatch]:
             nonlocal seen
-            for rows, vectors in _iterate(client, server, name, partition, batch, pk):
-                if probe_field is not None:
-                    column = vectors.get(probe_field["name"])
-                    for i, row in enumerate(rows):  # reservoir sample of the probe rows
-                        seen += 1
-                        slot = len(sample) if len(sample) < PROBES else sampler.randrange(seen)
-                        if slot < PROBES:
-                            value = column[i] if column is not None else row[probe_field["name"]]
-                            sample[slot:slot + 1] = [{"id": row[pk], "vector": _probe_vector(
-                                probe_field, value)}]
-                progress.advance(len(rows), unit=ROWS)
-                yield to_record_batch(rows, desc, schema, vectors)
+            # the server reads the next batch while this one is sampled, converted,
+            # compressed, encrypted and written
+            fetched = read_ahead(_iterate(client, server, name, partition, batch, pk),
+                                 name=f"milvus-read-{name}")
+            with closing(fetched):
+                for rows, vectors in fetched:
+                    if probe_field is not None:
+                        column = vectors.get(probe_field["name"])
+                        for i, row in enumerate(rows):  # reservoir sample of the probe rows
+                            seen += 1
+                            slot = (len(sample) if len(sample) < PROBES
+                                    else sampler.randrange(seen))
+                            if slot < PROBES:
+                                value = (column[i] if column is not None
+                                         else row[probe_field["name"]])
+                                sample[slot:slot + 1] = [{"id": row[pk], "vector": _probe_vector(
+                                    probe_field, value)}]
+                    progress.advance(len(rows), unit=ROWS)
+                    yield to_record_batch(rows, desc, schema, vectors)
 
         targets = [None] if desc["partition_key"] else desc["partitions"]
         files: dict[str, int] = {}

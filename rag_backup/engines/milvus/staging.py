@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from typing import Any
 
 from pymilvus import MilvusClient
@@ -21,6 +21,7 @@ from rag_backup.engines.milvus.common import ALL_PARTITIONS, ROWS, Log
 from rag_backup.engines.milvus.fingerprint import CollectionFingerprint
 from rag_backup.engines.milvus.parquet import iter_parquet, rows_from_batch
 from rag_backup.engines.milvus.schema import arrow_schema, build_index_params, build_schema
+from rag_backup.engines.prefetch import read_ahead
 from rag_backup.errors import InvalidRequest, RagBackupError, ToolError
 from rag_backup.repository import BackupRecord, BackupRepository
 
@@ -79,14 +80,18 @@ def _insert_files(client: MilvusClient, server: MilvusServer, repo: BackupReposi
         where = _where(record, path)
         inserted = 0
         with local_artifact(repo, record, path) as local:
-            for batch in iter_parquet(local, schema, batch_rows, where):
-                rows = rows_from_batch(batch, desc, drop_primary=drop_primary)
-                with calls(server, f"inserting into {target!r} from {path}"):
-                    client.insert(target, rows, timeout=server.long_timeout_s,
-                                  partition_name=None if partition == ALL_PARTITIONS
-                                  else partition)
-                inserted += len(rows)
-                progress.advance(len(rows), unit=ROWS)
+            # the next batch is read and converted while the server inserts this one
+            batches = read_ahead((rows_from_batch(batch, desc, drop_primary=drop_primary)
+                                  for batch in iter_parquet(local, schema, batch_rows, where)),
+                                 name=f"milvus-insert-{target}")
+            with closing(batches):
+                for rows in batches:
+                    with calls(server, f"inserting into {target!r} from {path}"):
+                        client.insert(target, rows, timeout=server.long_timeout_s,
+                                      partition_name=None if partition == ALL_PARTITIONS
+                                      else partition)
+                    inserted += len(rows)
+                    progress.advance(len(rows), unit=ROWS)
         log(f"{target}: inserted {inserted} rows from {path}")
 
 
