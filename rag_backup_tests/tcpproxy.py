@@ -5,6 +5,7 @@ it (the stack's S3 server keeps its data in memory and must not be restarted).
         proxy.cut_after(7 * 2**20)                    # cut once 7 MiB went upstream
         ...                                           # or proxy.cut() at any time
         proxy.heal()                                  # accept and forward again
+        proxy.corrupt_once(b"MARK", b"MARX")          # alter the next upload carrying MARK
 
 While cut, every open connection is closed and new ones are accepted and closed at once, so a
 client sees its connection reset or closed (never a hang).
@@ -31,6 +32,8 @@ class TcpProxy:
         self._cut = False
         self._limit: int | None = None
         self.bytes_up = 0  # client -> server, forwarded
+        self._corrupt: tuple[bytes, bytes] | None = None
+        self.corrupted = 0  # uploads altered on the way
         self.connections = 0
         self.cuts = 0
         self._stop = threading.Event()
@@ -60,6 +63,13 @@ class TcpProxy:
         """Cut once ``upstream_bytes`` more bytes went from clients to the server."""
         with self._lock:
             self._limit = self.bytes_up + upstream_bytes
+
+    def corrupt_once(self, marker: bytes, replacement: bytes) -> None:
+        """Replace the first ``marker`` that goes upstream (in one read of up to 64 KiB) by
+        ``replacement`` of the same length: damage on the way that no TCP checksum catches."""
+        assert len(marker) == len(replacement)
+        with self._lock:
+            self._corrupt = (marker, replacement)
 
     def heal(self) -> None:
         with self._lock:
@@ -129,6 +139,10 @@ class TcpProxy:
         with self._lock:
             if self._cut:
                 return b"", True
+            if self._corrupt is not None and self._corrupt[0] in data:
+                data = data.replace(self._corrupt[0], self._corrupt[1], 1)
+                self._corrupt = None
+                self.corrupted += 1
             if self._limit is not None and self.bytes_up + len(data) >= self._limit:
                 data = data[: max(0, self._limit - self.bytes_up)]
                 self.bytes_up += len(data)

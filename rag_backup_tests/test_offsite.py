@@ -28,6 +28,7 @@ from rag_backup.defs import automation
 from rag_backup.defs import offsite as offsite_defs
 from rag_backup.defs import postgres as pg_defs
 from rag_backup.defs.resources import AlertResource, BackupRepositoryResource, PostgresResource
+from rag_backup.errors import IntegrityError
 from rag_backup.repository import (
     BackupOutcome,
     BackupRepository,
@@ -41,11 +42,13 @@ from rag_backup.repository.offsite import (
     apply_offsite_retention,
     choose_repository,
     copy_backup,
+    copy_file,
     open_offsite,
     read_record,
 )
 from rag_backup_tests import pgutil
 from rag_backup_tests.receivers import free_port, webhook_server
+from rag_backup_tests.tcpproxy import TcpProxy
 
 STACK_SERVICES = ("postgres", "redis", "s3")
 CLI = str(Path(sys.executable).parent / "rag-backup")
@@ -112,6 +115,41 @@ def test_copy_is_incremental_verified_and_repairs_a_corrupted_file(tmp_path, sta
     repaired = copy_backup(primary, offsite, "milvus", DAY, workers=4)
     assert repaired.files_repaired == 1 and repaired.repaired == [victim]
     assert offsite.storage.read_bytes(victim) == good
+
+
+def test_a_copy_damaged_on_the_way_is_found_and_nothing_is_recorded(tmp_path, stack_env,
+                                                                     bucket):
+    """The S3 server stores what reached it; the copy compares the ETag it returns (the MD5
+    the server took) with the MD5 of what was sent, and reads back only on a difference."""
+    primary = BackupRepository(FilesystemBackend(tmp_path / "primary"))
+    marker = uuid.uuid4().hex.encode()
+    with primary.begin("redis", DAY, "t") as pending:
+        with pending.artifact("dump.rdb") as out:
+            out.write(os.urandom(30_000) + marker + os.urandom(30_000))
+        manifest = pending.commit(BackupOutcome({}, {}, "x"))
+    primary.record_verification("redis", DAY, Verification(manifest.backup_id, True, utcnow(),
+                                                           "t"))
+    host, port = stack_env["RAG_S3_ENDPOINT"].rsplit("/", 1)[1].split(":")
+    with TcpProxy(host, int(port)) as proxy:
+        offsite = open_offsite(s3_url(bucket), s3_endpoint=proxy.url,
+                               s3_access_key=stack_env["RAG_S3_ACCESS_KEY"],
+                               s3_secret_key=stack_env["RAG_S3_SECRET_KEY"])
+        proxy.corrupt_once(marker, marker[::-1])
+        with pytest.raises(IntegrityError,
+                           match=r"dump\.rdb (is not what was sent|reads back with sha256)"):
+            copy_backup(primary, offsite, "redis", DAY, workers=1)
+        assert proxy.corrupted == 1
+        assert offsite.get("redis", DAY) is None
+        assert read_record(offsite, "redis", DAY) is None
+        # undamaged, the same copy goes through, confirmed by the ETags (no read-back needed)
+        report = copy_backup(primary, offsite, "redis", DAY, workers=1)
+        assert (report.files_copied, report.files_repaired) == (3, 1)  # the damaged one again
+        assert offsite.get("redis", DAY) is not None and proxy.corrupted == 1
+        artifact = f"redis/{DAY}/{manifest.backup_id}/dump.rdb"
+        assert copy_file(primary.storage, offsite.storage, artifact)[2] is True
+    # a directory confirms nothing by itself: its copies are read back
+    assert copy_file(primary.storage, FilesystemBackend(tmp_path / "elsewhere"), artifact)[2] \
+        is False
 
 
 COPY_SCRIPT = """

@@ -67,7 +67,8 @@ def build_offsite_assets(policy: StorePolicy) -> list[dg.AssetsDefinition]:
               output_required=False,
               description=f"The partition's verified {store} backup copied to the offsite "
                           "repository (RAG_BACKUP_OFFSITE) as stored (never decrypted), what is "
-                          "missing only, every file read back and checked by sha256, the "
+                          "missing only, every file checked where it landed (S3: the ETag is the "
+                          "MD5 of the bytes sent; else read back, sha256), the "
                           "manifest last; also up to "
                           f"{CATCH_UP} earlier verified partitions not yet offsite. Skipped "
                           "when no offsite is configured.")

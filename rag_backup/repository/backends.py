@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 
 from rag_backup.errors import (
+    IntegrityError,
     InvalidRequest,
     RepositoryError,
     RepositoryUnavailable,
@@ -107,13 +108,19 @@ def filesystem_error(exc: OSError, operation: str, location: str, key: str
 
 
 def s3_error(exc: BaseException, operation: str, location: str, key: str, endpoint: str
-             ) -> RepositoryError | None:
-    """A ``RepositoryError`` for a botocore/urllib3 failure; ``None`` if ``exc`` is not one."""
-    from botocore.exceptions import BotoCoreError, ClientError
+             ) -> RepositoryError | IntegrityError | None:
+    """A ``RepositoryError`` for a botocore/urllib3 failure (``IntegrityError`` when the bytes
+    S3 returned do not match the checksum stored with the object: damaged, not unreachable);
+    ``None`` if ``exc`` is not one."""
+    from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     store, partition = describe_key(key)
     where = f"{operation} {location} at {endpoint}{_context(store, partition)}"
+    if isinstance(exc, FlexibleChecksumError):
+        return IntegrityError(f"{location}{_context(store, partition)} is damaged: {operation} "
+                              f"at {endpoint} returned bytes that do not match the checksum "
+                              f"stored with the object ({exc})")
     fields = dict(operation=operation, location=location, store=store, partition=partition,
                   backend_error=f"{type(exc).__name__}: {exc}")
     if isinstance(exc, ClientError):
@@ -440,6 +447,36 @@ class _S3MultipartWriter:
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[dict] = []
+        self.etag: str | None = None  # the server's, once complete
+        self._md5s: list[bytes] | None = None  # per part, once ``track_md5`` was called
+
+    def track_md5(self) -> None:
+        """Take the MD5 of every part sent, for ``etag_confirms`` (call before writing)."""
+        self._md5s = []
+
+    def expected_etag(self) -> str | None:
+        """The ETag S3 gives an object of exactly the bytes sent: their MD5 for a single PUT,
+        the MD5 of the parts' MD5s and ``-N`` for a multipart upload."""
+        if self._md5s is None:
+            return None
+        if self.upload_id is None:
+            return self._md5s[0].hex() if self._md5s else None
+        combined = hashlib.md5(b"".join(self._md5s), usedforsecurity=False).hexdigest()
+        return f"{combined}-{len(self._md5s)}"
+
+    def etag_confirms(self) -> bool | None:
+        """Whether the server's ETag, the MD5 it took of what it stored, is that of the bytes
+        sent: True means it received them intact. False means either a damaged upload or a
+        server whose ETags are not MD5s (SSE-C, SSE-KMS, some encrypting MinIO set-ups):
+        reading the object back tells which. None: ``track_md5`` was not called."""
+        expected = self.expected_etag()
+        if expected is None or self.etag is None:
+            return None
+        return self.etag.strip('"').lower() == expected
+
+    def _single_put_md5(self) -> None:
+        if self._md5s is not None:
+            self._md5s = [hashlib.md5(self.buffer, usedforsecurity=False).digest()]
 
     def write(self, data: bytes) -> int:
         self.buffer.extend(data)
@@ -453,6 +490,8 @@ class _S3MultipartWriter:
 
     def _upload_part(self, chunk: bytes) -> None:
         number = len(self.parts) + 1
+        if self._md5s is not None:
+            self._md5s.append(hashlib.md5(chunk, usedforsecurity=False).digest())
         with self.backend._op(f"upload part {number} of", self.key):
             if self.upload_id is None:
                 self.upload_id = self.client.create_multipart_upload(
@@ -464,16 +503,17 @@ class _S3MultipartWriter:
 
     def complete(self) -> None:
         if self.upload_id is None:
+            self._single_put_md5()
             with self.backend._op("write", self.key):
-                self.client.put_object(Bucket=self.bucket, Key=self.full_key,
-                                       Body=bytes(self.buffer))
+                self.etag = self.client.put_object(Bucket=self.bucket, Key=self.full_key,
+                                                   Body=bytes(self.buffer)).get("ETag")
             return
         if self.buffer:
             self._upload_part(bytes(self.buffer))
         with self.backend._op("complete the multipart upload of", self.key):
-            self.client.complete_multipart_upload(
+            self.etag = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.full_key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts})
+                MultipartUpload={"Parts": self.parts}).get("ETag")
 
     def abort(self) -> None:
         if self.upload_id is not None:

@@ -60,10 +60,11 @@ class _LockedMultipartWriter(_S3MultipartWriter):
 
     def complete(self) -> None:
         if self.upload_id is None:
+            self._single_put_md5()
             with self.backend._op("write", self.key):
-                self.client.put_object(Bucket=self.bucket, Key=self.full_key,
-                                       Body=bytes(self.buffer),
-                                       **self.backend.lock_arguments(self.key))
+                self.etag = self.client.put_object(
+                    Bucket=self.bucket, Key=self.full_key, Body=bytes(self.buffer),
+                    **self.backend.lock_arguments(self.key)).get("ETag")
             return
         if self.buffer:
             self._upload_part(bytes(self.buffer))
@@ -71,6 +72,7 @@ class _LockedMultipartWriter(_S3MultipartWriter):
             done = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.full_key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": self.parts})
+        self.etag = done.get("ETag")
         self.backend.lock_version(self.key, done.get("VersionId"))
 
 

@@ -11,7 +11,10 @@ copies, in this order:
 3. ``verification.json``, then ``manifest.json`` LAST (the commit point: a partition exists
    offsite only once its manifest is there, exactly as in the primary);
 4. the offsite record ``offsite/<store>/<partition>.json`` in the OFFSITE repository, once every
-   file was read back from the offsite and its sha256 equals the primary's.
+   file was checked where it landed (``copy_verified``): on S3, the server's ETag is the MD5
+   it took of what it stored and must be that of the bytes sent; in a directory, or on a
+   server whose ETags are not MD5s, the file is read back and its sha256 must be the
+   primary's.
 
 Idempotent and resumable: writes are atomic per key (a killed copy leaves no partial file
 under a real name), and a re-run skips every file the offsite already holds with the same
@@ -194,16 +197,41 @@ def _hash_stream(backend: Backend, key: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def copy_file(source: Backend, target: Backend, key: str) -> tuple[str, int]:
+def copy_file(source: Backend, target: Backend, key: str) -> tuple[str, int, bool]:
     """Stream ``key`` from ``source`` to ``target`` (atomic on the target) in chunks; the
-    sha256 and size of what was copied."""
+    sha256 and size of what was copied, and whether the target confirmed it stored exactly
+    those bytes (an S3 target's ETag is the MD5 it took of them; False: not confirmed)."""
     digest, size = hashlib.sha256(), 0
     with source.open_read(key) as reader, target.open_write(key) as writer:
+        track = getattr(writer, "track_md5", None)  # an S3 upload: MD5s of what is sent
+        if track is not None:
+            track()
         for chunk in iter(lambda: reader.read(CHUNK), b""):
             digest.update(chunk)
             size += len(chunk)
             writer.write(chunk)
-    return digest.hexdigest(), size
+    confirms = getattr(writer, "etag_confirms", None)
+    return digest.hexdigest(), size, bool(confirms is not None and confirms())
+
+
+def copy_verified(source: Backend, target: Backend, key: str, what: str = "offsite copy"
+                  ) -> tuple[str, int]:
+    """``copy_file``, then the copy checked where it landed: by the S3 server's ETag when it
+    is the MD5 of the bytes sent (the server hashed what it stored: no second download, as
+    ``rclone`` checks), else by reading it back and comparing sha256 (a directory, or a server
+    whose ETags are not MD5s). ``IntegrityError`` when the copy differs."""
+    expected, size, confirmed = copy_file(source, target, key)
+    if not confirmed:
+        try:
+            found, _ = _hash_stream(target, key)
+        except IntegrityError as exc:  # the server's own checksum of the object disagrees
+            raise IntegrityError(f"{what} {target.location(key)} is not what was sent: {exc}; "
+                                 "nothing was recorded as copied") from exc
+        if found != expected:
+            raise IntegrityError(f"{what} {target.location(key)} reads back with sha256 "
+                                 f"{found}, the primary's is {expected}: the offsite storage "
+                                 "corrupts data; nothing was recorded as copied")
+    return expected, size
 
 
 def _parallel(work: Callable[[T], Any], items: Iterable[T], workers: int) -> list[Any]:
@@ -216,10 +244,13 @@ def _parallel(work: Callable[[T], Any], items: Iterable[T], workers: int) -> lis
 
 def _sync_file(primary: Backend, offsite: Backend, key: str, size: int,
                present: dict[str, int], report: CopyReport, sums: dict[str, str]) -> None:
-    """Make offsite ``key`` hold the primary's bytes, verified by sha256 read back."""
+    """Make offsite ``key`` hold the primary's bytes, verified (``copy_verified``)."""
     if present.get(key) == size:
         expected, _ = _hash_stream(primary, key)
-        found, _ = _hash_stream(offsite, key)
+        try:
+            found, _ = _hash_stream(offsite, key)
+        except IntegrityError as exc:  # S3's own checksum of it fails: damaged there
+            found = f"unreadable ({exc})"
         if found == expected:
             with _COUNTING:
                 report.files_skipped += 1
@@ -231,12 +262,7 @@ def _sync_file(primary: Backend, offsite: Backend, key: str, size: int,
             report.repaired.append(key)
         log.warning(f"offsite {offsite.location(key)}: sha256 {found} is not the primary's "
                     f"{expected}: copying it again")
-    expected, copied = copy_file(primary, offsite, key)
-    found, _ = _hash_stream(offsite, key)
-    if found != expected:
-        raise IntegrityError(f"offsite copy {offsite.location(key)} reads back with sha256 "
-                             f"{found}, the primary's is {expected}: the offsite storage "
-                             "corrupts data; nothing was recorded as copied")
+    expected, copied = copy_verified(primary, offsite, key)
     with _COUNTING:
         report.files_copied += 1
         report.bytes_copied += copied
@@ -245,7 +271,7 @@ def _sync_file(primary: Backend, offsite: Backend, key: str, size: int,
 
 def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers: int) -> None:
     """Copy the blobs (and ``.age`` sidecars) the offsite lacks or holds with another size;
-    each copied one read back and compared."""
+    each copied one verified (``copy_verified``)."""
     theirs = {f.key: f.size for f in offsite.list_files(BLOB_PREFIX)}
     todo = []
     for info in primary.list_files(BLOB_PREFIX):
@@ -255,12 +281,7 @@ def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers:
             todo.append(info)
 
     def one(info) -> int:
-        expected, size = copy_file(primary, offsite, info.key)
-        found, _ = _hash_stream(offsite, info.key)
-        if found != expected:
-            raise IntegrityError(f"offsite blob {offsite.location(info.key)} reads back with "
-                                 f"sha256 {found}, the primary's is {expected}")
-        return size
+        return copy_verified(primary, offsite, info.key, "offsite blob")[1]
 
     sizes = _parallel(one, todo, workers)
     report.blobs_copied += len(sizes)
