@@ -22,6 +22,7 @@ from rag_backup.errors import (
 from rag_backup.repository import (
     BackupOutcome,
     BackupRepository,
+    FilesystemBackend,
     S3Backend,
     Verification,
     backend_from_url,
@@ -400,3 +401,29 @@ def test_an_unreachable_s3_repository_names_operation_location_store_and_partiti
                                f"/2026-11-20/x/manifest.json at http://127.0.0.1:{port} "
                                "(store postgres, partition 2026-11-20) failed: "
                                "EndpointConnectionError")
+
+
+def test_unsynced_writes_create_new_files_only_and_one_barrier_makes_them_durable(tmp_path):
+    """``sync=False`` (MinIO's small blobs) skips the per-file fsync for a NEW file only; a
+    file that exists already (maybe a committed backup's) is replaced durably, and the
+    commit's barrier (``sync_pending``) covers what was left unsynced."""
+    backend = FilesystemBackend(tmp_path)
+    backend.write_bytes("objectstore/blobs/aa/old", b"committed", sync=True)
+    assert backend._unsynced is False
+
+    backend.write_bytes("objectstore/blobs/aa/old", b"rewritten", sync=False)
+    assert backend.read_bytes("objectstore/blobs/aa/old") == b"rewritten"
+    assert backend._unsynced is False  # a replacement is never left unsynced
+
+    backend.write_bytes("objectstore/blobs/bb/new", b"fresh", sync=False)
+    assert backend.read_bytes("objectstore/blobs/bb/new") == b"fresh"
+    assert backend._unsynced is True
+    assert not [p for p in tmp_path.rglob("*") if TMP_MARKER in p.name]  # no temporary left
+
+    repo = BackupRepository(backend)
+    with repo.begin("minio", "2026-11-01", "run") as pending:
+        with pending.artifact("snapshot.jsonl") as out:
+            out.write(b"{}")
+        pending.commit(BackupOutcome({}, {}, "x"))
+    assert backend._unsynced is False  # the commit synced before writing its manifest
+    assert repo.get("minio", "2026-11-01") is not None

@@ -15,6 +15,7 @@ after an error never replaces that error: it is logged and added to it as a note
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import errno
 import logging
@@ -182,10 +183,15 @@ class IncompleteUpload:
 
 
 class Backend(Protocol):
-    def open_write(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
+    # ``sync=False``: durable only after the next ``sync_pending`` (one barrier for many small
+    # files instead of an fsync each); a backend whose writes are durable when they return
+    # (S3) ignores it
+    def open_write(self, key: str, *, sync: bool = True
+                   ) -> contextlib.AbstractContextManager[BinaryIO]: ...
     def open_read(self, key: str) -> BinaryIO: ...
     def read_bytes(self, key: str) -> bytes | None: ...
-    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None: ...
+    def sync_pending(self) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list_children(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
@@ -246,6 +252,7 @@ class FilesystemBackend:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
+        self._unsynced = False  # a write with sync=False since the last sync_pending
 
     def _path(self, key: str) -> Path:
         return self.root / safe_key(key)
@@ -269,7 +276,10 @@ class FilesystemBackend:
             raise self._translate(operation, key)(exc) from exc
 
     @contextlib.contextmanager
-    def open_write(self, key: str) -> Iterator[BinaryIO]:
+    def open_write(self, key: str, *, sync: bool = True) -> Iterator[BinaryIO]:
+        """Write ``key`` atomically (a temporary renamed into place); durable when the block
+        exits (fsync of the file and its directory), or with ``sync=False`` at the next
+        ``sync_pending`` (a new file only: one that replaces a file is always synced)."""
         final = self._path(key)
         tmp = final.with_name(f"{final.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}")
         with self._op("create", key):
@@ -279,10 +289,15 @@ class FilesystemBackend:
             yield _TranslatingStream(fh, self._translate("write", key))  # type: ignore[misc]
             with self._op("write", key):
                 fh.flush()
-                os.fsync(fh.fileno())
-                fh.close()
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                if not sync and self._link_new(tmp, final):
+                    fh.close()
+                    tmp.unlink()
+                    self._unsynced = True
+                else:
+                    os.fsync(fh.fileno())
+                    fh.close()
+                    os.replace(tmp, final)
+                    _fsync_dir(final.parent)
         except BaseException as exc:
             cleanup_after(exc, f"closing {tmp}", fh.close)
             cleanup_after(exc, f"removing {tmp}", lambda: tmp.unlink(missing_ok=True))
@@ -300,9 +315,29 @@ class FilesystemBackend:
         except FileNotFoundError:
             return None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        with self.open_write(key) as fh:
+    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
+        with self.open_write(key, sync=sync) as fh:
             fh.write(data)
+
+    @staticmethod
+    def _link_new(tmp: Path, final: Path) -> bool:
+        """Give ``tmp`` the name ``final`` only if no file has it (a hard link never replaces
+        one): an unsynced write never replaces a file, which may belong to a committed backup.
+        False when ``final`` exists or the filesystem has no hard links: write it durably."""
+        try:
+            os.link(tmp, final)
+            return True
+        except OSError:
+            return False
+
+    def sync_pending(self) -> None:
+        """Make every write made with ``sync=False`` durable: one ``syncfs`` of the
+        repository's filesystem, one journal commit instead of two fsyncs per file."""
+        if not self._unsynced:
+            return
+        self._unsynced = False  # a write finishing meanwhile is synced below or sets it again
+        with self._op("sync", ""):
+            _syncfs(self.root)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist (atomically); return whether it was written."""
@@ -427,6 +462,22 @@ class FilesystemBackend:
 def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
     if not issubclass(exc_info[0], FileNotFoundError):  # removed meanwhile: fine
         raise exc_info[1]
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) of the filesystem holding ``path`` (``os.sync`` where libc has none)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -564,7 +615,8 @@ class S3Backend:
         return _S3MultipartWriter(self, key)
 
     @contextlib.contextmanager
-    def open_write(self, key: str) -> Iterator[BinaryIO]:
+    def open_write(self, key: str, *, sync: bool = True) -> Iterator[BinaryIO]:
+        # an S3 object is durable once its PUT (or complete) returns: ``sync`` changes nothing
         writer = self._writer(key)
         try:
             yield writer  # type: ignore[misc]
@@ -591,9 +643,12 @@ class S3Backend:
         except FileNotFoundError:
             return None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
         with self._op("write", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def sync_pending(self) -> None:
+        """Nothing to do: every S3 write is durable when it returns."""
 
     def put_if(self, key: str, data: bytes, expected: bytes | None) -> bool:
         """Write ``key`` only if its content is ``expected`` (``None``: only if absent), with

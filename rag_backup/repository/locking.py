@@ -113,7 +113,7 @@ class LockedS3Backend(S3Backend):
     def _writer(self, key: str) -> _LockedMultipartWriter:
         return _LockedMultipartWriter(self, key)
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
         with self._op("write", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                    **self.lock_arguments(key))

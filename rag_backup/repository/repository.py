@@ -305,6 +305,8 @@ class PendingBackup:
             raise self._refuse(why)
         recipients = self.repo.sealed.encrypting_to()
         data = (seal_manifest(manifest, recipients) if recipients else manifest).to_json()
+        backend.sync_pending()  # what was written unsynced (MinIO's small blobs) is durable
+        # before the manifest that references it
         backend.write_bytes(f"{self.part}/{MANIFEST}", data)
         if backend.read_bytes(f"{self.part}/{MANIFEST}") != data:  # a writer raced us
             why = self._changed_since_begin() or "another run wrote the manifest at once"

@@ -224,29 +224,33 @@ class SealedBackend:
 
     # -- writing ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def open_write(self, key: str) -> Iterator[BinaryIO]:
+    def open_write(self, key: str, *, sync: bool = True) -> Iterator[BinaryIO]:
         if is_clear(key):
-            with self.inner.open_write(key) as fh:
+            with self.inner.open_write(key, sync=sync) as fh:
                 yield fh
             return
         recipients = self.encrypting_to()
         if recipients is None:
-            with self.inner.open_write(key) as fh:
+            with self.inner.open_write(key, sync=sync) as fh:
                 yield fh
             return
         file_key = crypto.new_file_key()
-        self.inner.write_bytes(header_key(key), crypto.build_header(file_key, recipients))
-        with self.inner.open_write(key) as fh:
+        self.inner.write_bytes(header_key(key), crypto.build_header(file_key, recipients),
+                               sync=sync)
+        with self.inner.open_write(key, sync=sync) as fh:
             writer = EncryptingWriter(fh, file_key)
             yield _EncryptingStream(writer)  # type: ignore[misc]
             writer.close()
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
         if is_clear(key):
-            self.inner.write_bytes(key, data)
+            self.inner.write_bytes(key, data, sync=sync)
             return
-        with self.open_write(key) as fh:
+        with self.open_write(key, sync=sync) as fh:
             fh.write(data)
+
+    def sync_pending(self) -> None:
+        self.inner.sync_pending()
 
     def put_if(self, key: str, data: bytes, expected: bytes | None) -> bool:
         if not is_clear(key):

@@ -314,6 +314,7 @@ def backup(endpoint: S3Endpoint, pending: PendingBackup, buckets: Sequence[str],
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    copier.blobs.sync()  # the blobs written unsynced: durable at once, before the commit
     log(f"tags of downloaded objects: x-amz-tagging-count {copier.tag_counts.state}; "
         f"{copier.tag_counts.skipped} GetObjectTagging requests saved")
     fingerprint = MinioFingerprint(
