@@ -7,6 +7,7 @@ it; an unreachable offsite fails its own step and alerts while the backup succee
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,11 @@ import zstandard
 from rag_backup.defs import automation
 from rag_backup.defs import offsite as offsite_defs
 from rag_backup.defs import postgres as pg_defs
-from rag_backup.defs.resources import AlertResource, BackupRepositoryResource, PostgresResource
+from rag_backup.defs.resources import (
+    AlertResource,
+    BackupRepositoryResource,
+    PostgresResource,
+)
 from rag_backup.errors import IntegrityError
 from rag_backup.repository import (
     BackupOutcome,
@@ -35,6 +40,7 @@ from rag_backup.repository import (
     FilesystemBackend,
     Verification,
 )
+from rag_backup.repository import offsite as offsite_module
 from rag_backup.repository.crypto import Identity
 from rag_backup.repository.locking import LockedS3Backend
 from rag_backup.repository.manifest import utcnow
@@ -150,6 +156,60 @@ def test_a_copy_damaged_on_the_way_is_found_and_nothing_is_recorded(tmp_path, st
     # a directory confirms nothing by itself: its copies are read back
     assert copy_file(primary.storage, FilesystemBackend(tmp_path / "elsewhere"), artifact)[2] \
         is False
+
+
+def minio_like_backup(repo: BackupRepository, partition: str, contents: list[bytes]) -> str:
+    """A committed, verified backup whose blobs are ``contents`` (as MinIO's engine stores)."""
+    with repo.begin("minio", partition, "t") as pending:
+        writer = repo.blobs.writer(pending.backup_id)
+        for data in contents:
+            writer.put([data], len(data))
+        with pending.artifact("snapshot.jsonl") as out:
+            out.write(b"{}")
+        manifest = pending.commit(BackupOutcome({}, {}, "x"))
+    repo.record_verification("minio", partition, Verification(manifest.backup_id, True,
+                                                              utcnow(), "t"))
+    return manifest.backup_id
+
+
+def test_blobs_already_synced_are_not_listed_again_until_the_weekly_full_listing(
+        tmp_path, stack_env, bucket, s3_client, monkeypatch):
+    monkeypatch.setattr(offsite_module, "BLOB_SYNC_SKEW", timedelta(0))
+    primary = BackupRepository(FilesystemBackend(tmp_path / "primary"))
+    first = [os.urandom(3000) for _ in range(30)]
+    minio_like_backup(primary, "2026-11-19", first)
+    old = time.time() - 3600  # these blobs are an hour old
+    for path in (tmp_path / "primary" / "objectstore").rglob("*"):
+        if path.is_file():
+            os.utime(path, (old, old))
+    offsite = offsite_of(stack_env, bucket)
+
+    report = copy_backup(primary, offsite, "minio", "2026-11-19", workers=4)
+    assert report.blobs_copied == 30
+    sync = json.loads(offsite.storage.read_bytes(offsite_module.BLOB_SYNC_KEY))
+    assert sync["offsite_listed"] is True and sync["blobs"] == 30
+
+    new = [os.urandom(3000) for _ in range(5)]
+    minio_like_backup(primary, DAY, first[:10] + new)  # 10 reused, rewritten: fresh mtimes
+    report = copy_backup(primary, offsite, "minio", DAY, workers=4)
+    sync = json.loads(offsite.storage.read_bytes(offsite_module.BLOB_SYNC_KEY))
+    assert sync["offsite_listed"] is False  # asked about what is new only
+    assert sync["checked"] == 15 and report.blobs_copied == 5 and report.blobs_skipped == 30
+    assert offsite.storage.size(offsite_module.BLOB_SYNC_KEY) is not None
+
+    # a blob removed offsite by hand is not seen by the nightly check, but by the weekly listing
+    sha = hashlib.sha256(first[20]).hexdigest()
+    victim = f"objectstore/blobs/{sha[:2]}/{sha}"
+    s3_client.delete_object(Bucket=bucket, Key=f"site-b/{victim}")
+    again = copy_backup(primary, offsite, "minio", DAY, workers=4)
+    assert again.blobs_copied == 0 and offsite.storage.size(victim) is None
+    sync = json.loads(offsite.storage.read_bytes(offsite_module.BLOB_SYNC_KEY))
+    sync["full_listing_at"] = (utcnow() - timedelta(days=8)).isoformat()
+    offsite.storage.write_bytes(offsite_module.BLOB_SYNC_KEY, json.dumps(sync).encode())
+    weekly = copy_backup(primary, offsite, "minio", DAY, workers=4)
+    assert weekly.blobs_copied == 1 and offsite.storage.size(victim) == 3000
+    assert json.loads(offsite.storage.read_bytes(offsite_module.BLOB_SYNC_KEY))[
+        "offsite_listed"] is True
 
 
 COPY_SCRIPT = """

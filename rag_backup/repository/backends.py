@@ -193,6 +193,7 @@ class Backend(Protocol):
     def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None: ...
     def sync_pending(self) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None: ...
     def list_children(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
@@ -358,6 +359,14 @@ class FilesystemBackend:
     def exists(self, key: str) -> bool:
         with self._op("stat", key):
             return self._path(key).exists()
+
+    def size(self, key: str) -> int | None:
+        """``key``'s size in bytes, ``None`` if there is no such file."""
+        with self._op("stat", key):
+            try:
+                return self._path(key).stat().st_size
+            except FileNotFoundError:
+                return None
 
     def list_children(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -677,13 +686,17 @@ class S3Backend:
         return True
 
     def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> int | None:
+        """``key``'s size in bytes (one HEAD), ``None`` if there is no such object."""
         with self._op("stat", key):
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-                return True
+                return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))[
+                    "ContentLength"])
             except self.client.exceptions.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in S3_NOT_FOUND:
-                    return False
+                    return None
                 raise
 
     def list_children(self, prefix: str) -> list[str]:

@@ -6,8 +6,9 @@ its ``.age`` sidecars once the repository is encrypted), never decrypted. For on
 copies, in this order:
 
 1. every file of the backup's directory ``<store>/<partition>/<backup_id>/...``;
-2. for MinIO, the content-addressed blobs the offsite lacks (``objectstore/blobs``, listed on
-   both sides: missing, or of another size);
+2. for MinIO, the content-addressed blobs the offsite lacks (``objectstore/blobs``: missing,
+   or of another size; the offsite is asked only about blobs written since its last complete
+   sync, and listed in full weekly: ``_sync_blobs``);
 3. ``verification.json``, then ``manifest.json`` LAST (the commit point: a partition exists
    offsite only once its manifest is there, exactly as in the primary);
 4. the offsite record ``offsite/<store>/<partition>.json`` in the OFFSITE repository, once every
@@ -269,16 +270,56 @@ def _sync_file(primary: Backend, offsite: Backend, key: str, size: int,
         sums[key] = expected
 
 
-def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers: int) -> None:
+BLOB_SYNC_KEY = f"{RECORD_ROOT}/blob-sync.json"  # in the offsite: what the last sync covered
+BLOB_SYNC_SKEW = timedelta(hours=1)  # mtimes this much before it are still checked (clocks)
+FULL_BLOB_LISTING_EVERY = timedelta(days=7)
+HEAD_AT_MOST = 1000  # more candidates than this: one listing of the offsite is cheaper
+
+
+def _blob_sync_since(offsite: Backend, primary_location: str, now: datetime
+                     ) -> datetime | None:
+    """When the last complete blob sync from this primary listed it, if that is recent enough
+    to trust (``FULL_BLOB_LISTING_EVERY``): every primary blob older than that was offsite
+    then. ``None``: list the offsite's blobs in full."""
+    raw = offsite.read_bytes(BLOB_SYNC_KEY)
+    try:
+        doc = json.loads(raw) if raw is not None else None
+        if not doc or doc.get("primary") != primary_location:
+            return None
+        listed = datetime.fromisoformat(doc["listed_at"])
+        full = datetime.fromisoformat(doc["full_listing_at"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if now - full > FULL_BLOB_LISTING_EVERY or listed > now:
+        return None
+    return listed
+
+
+def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers: int,
+                primary_location: str) -> None:
     """Copy the blobs (and ``.age`` sidecars) the offsite lacks or holds with another size;
-    each copied one verified (``copy_verified``)."""
-    theirs = {f.key: f.size for f in offsite.list_files(BLOB_PREFIX)}
-    todo = []
-    for info in primary.list_files(BLOB_PREFIX):
-        if theirs.get(info.key) == info.size:
-            report.blobs_skipped += 1
-        else:
-            todo.append(info)
+    each copied one verified (``copy_verified``).
+
+    Which ones the offsite lacks: after a complete sync, every blob the primary held when it
+    was listed is offsite (blobs are never changed in place, and the offsite's are never
+    collected), so the next sync asks the offsite only about primary blobs written since
+    (mtime after that listing, less ``BLOB_SYNC_SKEW``): one HEAD each, in parallel, instead of
+    listing every blob offsite each night. The offsite is listed in full when there is no such
+    record, it came from another primary, it is older than ``FULL_BLOB_LISTING_EVERY`` (which
+    also catches blobs removed offsite by hand), or more than ``HEAD_AT_MOST`` blobs are new."""
+    listed_at = utcnow()
+    since = _blob_sync_since(offsite, primary_location, listed_at)
+    mine = list(primary.list_files(BLOB_PREFIX))
+    candidates = mine if since is None else [
+        f for f in mine if f.mtime >= since - BLOB_SYNC_SKEW]
+    full = since is None or len(candidates) > HEAD_AT_MOST
+    if full:
+        theirs = {f.key: f.size for f in offsite.list_files(BLOB_PREFIX)}
+    else:
+        keys = [f.key for f in candidates]
+        theirs = dict(zip(keys, _parallel(offsite.size, keys, workers)))
+    todo = [f for f in candidates if theirs.get(f.key) != f.size]
+    report.blobs_skipped += len(mine) - len(todo)
 
     def one(info) -> int:
         return copy_verified(primary, offsite, info.key, "offsite blob")[1]
@@ -286,6 +327,17 @@ def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers:
     sizes = _parallel(one, todo, workers)
     report.blobs_copied += len(sizes)
     report.blob_bytes_copied += sum(sizes)
+    previous_full = None if full else offsite.read_bytes(BLOB_SYNC_KEY)
+    offsite.write_bytes(BLOB_SYNC_KEY, json.dumps({
+        "primary": primary_location, "listed_at": listed_at.isoformat(),
+        "full_listing_at": listed_at.isoformat() if full or previous_full is None
+        else json.loads(previous_full)["full_listing_at"],
+        "blobs": len(mine), "checked": len(candidates), "copied": len(todo),
+        "offsite_listed": full}, indent=2, sort_keys=True).encode())
+    log.info(f"offsite blobs: {len(mine)} in the primary; " + (
+        "the offsite listed in full" if full else
+        f"{len(candidates)} written since the last sync ({since:%Y-%m-%d %H:%M} UTC) checked "
+        "offsite") + f"; {len(todo)} copied")
 
 
 def copy_backup(primary: BackupRepository, offsite: BackupRepository, store: str,
@@ -318,7 +370,7 @@ def copy_backup(primary: BackupRepository, offsite: BackupRepository, store: str
     _parallel(lambda k: _sync_file(src, dst, k, files[k], present, report, sums), ordered,
               workers)
     if store == "minio":
-        _sync_blobs(src, dst, report, workers)
+        _sync_blobs(src, dst, report, workers, primary.root_location)
     # the records last, the manifest (and its sidecar before it) at the very end; the key
     # record (public keys, since when) before it, so the offsite refuses a clear manifest of
     # an encrypted backup as the primary does
