@@ -25,12 +25,11 @@ whose age is at most ``window - gc_grace``: retention cannot delete it while thi
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -144,38 +143,6 @@ class BackupOutcome(repository.BackupOutcome):
         return self._total("objects_vanished")
 
 
-class _TagCountTrust:
-    """Whether a GET's ``x-amz-tagging-count`` can stand in for a GetObjectTagging, learnt
-    once per backup. S3 sends the header only for an object that has tags, and only to
-    credentials that may read them; so a missing header proves "no tags" only once this
-    backup has seen, on one object, GetObjectTagging succeed with tags AND the GET of that
-    object carry the header with the same count. A tagged object whose GET had no header
-    turns the trust off for the rest of the backup. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.state = "unknown"  # "unknown" | "trusted" | "distrusted"
-        self.skipped = 0        # GetObjectTaggings saved
-
-    def untagged(self, count: int | None) -> bool:
-        """True when the GET's header proves the object has no tags (one request saved)."""
-        with self._lock:
-            if self.state == "trusted" and not count:
-                self.skipped += 1
-                return True
-            return False
-
-    def learn(self, count: int | None, tags: dict[str, str]) -> None:
-        """What GetObjectTagging found for an object whose GET said ``count``."""
-        if not tags:
-            return
-        with self._lock:
-            if count is None:
-                self.state = "distrusted"
-            elif count == len(tags) and self.state == "unknown":
-                self.state = "trusted"
-
-
 @dataclass
 class _Copier(_Objects):
     """What the worker threads of one backup share."""
@@ -183,19 +150,6 @@ class _Copier(_Objects):
     repo: BackupRepository
     blobs: BlobWriter               # this backup's puts (each content written once, fresh)
     existing: dict[bytes, int]      # blobs present when the backup started: sha -> size
-    tag_counts: _TagCountTrust = field(default_factory=_TagCountTrust)
-
-    def downloaded_tags(self, bucket: str, key: str, count: int | None
-                        ) -> dict[str, str] | None:
-        """The tags of an object just downloaded, whose GET said ``count`` (see
-        ``_TagCountTrust``): ``{}`` without a request when that is proven, else
-        GetObjectTagging. None if the object is gone."""
-        if self.tag_counts.untagged(count):
-            return {}
-        tags = self.tags(bucket, key)
-        if tags is not None:
-            self.tag_counts.learn(count, tags)
-        return tags
 
     def blob_present(self, sha: str, size: int) -> bool:
         return self.existing.get(bytes.fromhex(sha)) == size

@@ -5,7 +5,9 @@ After every restore, the target is compared with the snapshot object by object
 parallel and hashed as they stream: moto, the test server, stores a client-sent
 ``x-amz-checksum-sha256`` without checking it and returns none unless asked for the algorithm,
 so a server-side checksum would prove nothing there), content type, user metadata, the PUT
-headers and tags. A difference fails the restore (``RestoreDiffers``, which carries the
+headers and tags (GetObjectTagging, except where the GET's ``x-amz-tagging-count`` proves an
+object has none, once the comparison has seen that header match on a tagged object: see
+``objects._TagCountTrust``). A difference fails the restore (``RestoreDiffers``, which carries the
 report) unless ``accept_differences``.
 """
 

@@ -6,8 +6,9 @@ boto3 otherwise."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -131,6 +132,38 @@ class _Observed:
     tags: dict[str, str]
 
 
+class _TagCountTrust:
+    """Whether a GET's ``x-amz-tagging-count`` can stand in for a GetObjectTagging, learnt
+    once per backup (or comparison). S3 sends the header only for an object that has tags, and
+    only to credentials that may read them; so a missing header proves "no tags" only once this
+    backup has seen, on one object, GetObjectTagging succeed with tags AND the GET of that
+    object carry the header with the same count. A tagged object whose GET had no header
+    turns the trust off for the rest of the backup. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state = "unknown"  # "unknown" | "trusted" | "distrusted"
+        self.skipped = 0        # GetObjectTaggings saved
+
+    def untagged(self, count: int | None) -> bool:
+        """True when the GET's header proves the object has no tags (one request saved)."""
+        with self._lock:
+            if self.state == "trusted" and not count:
+                self.skipped += 1
+                return True
+            return False
+
+    def learn(self, count: int | None, tags: dict[str, str]) -> None:
+        """What GetObjectTagging found for an object whose GET said ``count``."""
+        if not tags:
+            return
+        with self._lock:
+            if count is None:
+                self.state = "distrusted"
+            elif count == len(tags) and self.state == "unknown":
+                self.state = "trusted"
+
+
 @dataclass
 class _Objects:
     """Per-object reads against one S3 server, shared by worker threads: MinIO's SDK where it
@@ -139,6 +172,7 @@ class _Objects:
     client: Any
     reader: minio.Minio
     endpoint: S3Endpoint
+    tag_counts: _TagCountTrust = field(default_factory=_TagCountTrust, kw_only=True)
 
     def _failed(self, exc: Exception, what: str, bucket: str, key: str) -> None:
         """Return for a missing object, raise ``_ObjectChanged`` for a failed If-Match, and
@@ -173,6 +207,18 @@ class _Objects:
         except (ClientError, BotoCoreError, *SDK_ERRORS) as exc:
             self._failed(exc, "GetObjectTagging", bucket, key)
             return None
+
+    def downloaded_tags(self, bucket: str, key: str, count: int | None
+                        ) -> dict[str, str] | None:
+        """The tags of an object just downloaded, whose GET said ``count`` (see
+        ``_TagCountTrust``): ``{}`` without a request when that is proven, else
+        GetObjectTagging. None if the object is gone."""
+        if self.tag_counts.untagged(count):
+            return {}
+        tags = self.tags(bucket, key)
+        if tags is not None:
+            self.tag_counts.learn(count, tags)
+        return tags
 
     def _get(self, bucket: str, key: str, etag: str | None, offset: int = 0
              ) -> _Download | None:
@@ -242,7 +288,7 @@ class _Objects:
                     length += len(chunk)
             except _ObjectChanged:
                 continue
-            tags = self.tags(bucket, key)
+            tags = self.downloaded_tags(bucket, key, download.head.tag_count)
             if tags is None:
                 return None
             return _Observed(length, digest.hexdigest(), download.head, tags)
