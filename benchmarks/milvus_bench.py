@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,6 +87,20 @@ class Row:
     note: str = ""
 
 
+def generated(rows: int, batch: int, first_id: int = 0) -> Iterator[tuple[str, list[dict]]]:
+    """The benchmark's rows in batches, each with its partition: deterministic unit vectors,
+    the languages in turn by batch."""
+    rng = np.random.default_rng(2024)
+    for start in range(0, rows, batch):
+        count = min(batch, rows - start)
+        vectors = rng.standard_normal((count, DIM), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        language = LANGUAGES[(start // batch) % len(LANGUAGES)]
+        yield f"lang_{language}", [
+            {"id": first_id + start + i, "embedding": vectors[i], "text": TEXT.format(i=start + i),
+             "language": language} for i in range(count)]
+
+
 def populate(uri: str, rows: int) -> None:
     """The benchmark collection: deterministic unit vectors, three partitions, HNSW, loaded."""
     client = MilvusClient(uri=uri, timeout=TIMEOUT_S)
@@ -98,15 +113,8 @@ def populate(uri: str, rows: int) -> None:
     client.create_collection(COLLECTION, schema=schema, consistency_level="Strong")
     for language in LANGUAGES:
         client.create_partition(COLLECTION, f"lang_{language}")
-    rng = np.random.default_rng(2024)
-    for start in range(0, rows, INSERT_BATCH):
-        count = min(INSERT_BATCH, rows - start)
-        vectors = rng.standard_normal((count, DIM), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        language = LANGUAGES[(start // INSERT_BATCH) % len(LANGUAGES)]
-        client.insert(COLLECTION, [
-            {"id": 100_000 + start + i, "embedding": vectors[i], "text": TEXT.format(i=start + i),
-             "language": language} for i in range(count)], partition_name=f"lang_{language}")
+    for partition, batch in generated(rows, INSERT_BATCH, first_id=100_000):
+        client.insert(COLLECTION, batch, partition_name=partition)
     client.flush(COLLECTION, timeout=TIMEOUT_S)
     index = client.prepare_index_params()
     index.add_index(field_name="embedding", index_type="HNSW", metric_type="COSINE",
@@ -170,18 +178,10 @@ def worker(argv: list[str]) -> int:
         for language in LANGUAGES:
             client.create_partition(target, f"lang_{language}")
         batch = engine.auto_batch_rows(desc)  # the batch size our restore inserts with
-        rng = np.random.default_rng(2024)
         started, done = time.monotonic(), 0
-        for start in range(0, rows, batch):
-            count = min(batch, rows - start)
-            vectors = rng.standard_normal((count, DIM), dtype=np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            language = LANGUAGES[(start // batch) % len(LANGUAGES)]
-            client.insert(target, [
-                {"id": start + i, "embedding": vectors[i], "text": TEXT.format(i=start + i),
-                 "language": language} for i in range(count)],
-                partition_name=f"lang_{language}")
-            done += count
+        for partition, chunk in generated(rows, batch):
+            client.insert(target, chunk, partition_name=partition)
+            done += len(chunk)
         insert_s = time.monotonic() - started
         client.drop_collection(target)
         print(json.dumps({"rows": done, "insert_s": insert_s, "batch": batch}))

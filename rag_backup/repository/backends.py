@@ -555,7 +555,8 @@ class _S3MultipartWriter:
         with self.backend._op(f"upload part {number} of", self.key):
             if self.upload_id is None:
                 self.upload_id = self.client.create_multipart_upload(
-                    Bucket=self.bucket, Key=self.full_key)["UploadId"]
+                    Bucket=self.bucket, Key=self.full_key,
+                    **self.backend._put_arguments(self.key))["UploadId"]
             resp = self.client.upload_part(Bucket=self.bucket, Key=self.full_key,
                                            PartNumber=number, UploadId=self.upload_id,
                                            Body=chunk)
@@ -565,15 +566,18 @@ class _S3MultipartWriter:
         if self.upload_id is None:
             self._single_put_md5()
             with self.backend._op("write", self.key):
-                self.etag = self.client.put_object(Bucket=self.bucket, Key=self.full_key,
-                                                   Body=bytes(self.buffer)).get("ETag")
+                self.etag = self.client.put_object(
+                    Bucket=self.bucket, Key=self.full_key, Body=bytes(self.buffer),
+                    **self.backend._put_arguments(self.key)).get("ETag")
             return
         if self.buffer:
             self._upload_part(bytes(self.buffer))
         with self.backend._op("complete the multipart upload of", self.key):
-            self.etag = self.client.complete_multipart_upload(
+            done = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.full_key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts}).get("ETag")
+                MultipartUpload={"Parts": self.parts})
+        self.etag = done.get("ETag")
+        self.backend._completed(self.key, done)
 
     def abort(self) -> None:
         if self.upload_id is not None:
@@ -619,14 +623,18 @@ class S3Backend:
                 raise
             raise translated from exc
 
-    def _writer(self, key: str) -> _S3MultipartWriter:
-        """The multipart writer of ``key`` (a subclass may add headers to its requests)."""
-        return _S3MultipartWriter(self, key)
+    def _put_arguments(self, key: str) -> dict[str, Any]:
+        """Extra arguments of every request that creates ``key`` (PutObject,
+        CreateMultipartUpload): none here; the Object-Lock backend adds the lock."""
+        return {}
+
+    def _completed(self, key: str, response: dict[str, Any]) -> None:
+        """Called with CompleteMultipartUpload's response: nothing to do here."""
 
     @contextlib.contextmanager
     def open_write(self, key: str, *, sync: bool = True) -> Iterator[BinaryIO]:
         # an S3 object is durable once its PUT (or complete) returns: ``sync`` changes nothing
-        writer = self._writer(key)
+        writer = _S3MultipartWriter(self, key)
         try:
             yield writer  # type: ignore[misc]
             writer.complete()
@@ -654,7 +662,8 @@ class S3Backend:
 
     def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
         with self._op("write", key):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   **self._put_arguments(key))
 
     def sync_pending(self) -> None:
         """Nothing to do: every S3 write is durable when it returns."""

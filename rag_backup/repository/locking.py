@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from rag_backup.errors import InvalidRequest
-from rag_backup.repository.backends import S3Backend, _S3MultipartWriter
+from rag_backup.repository.backends import S3Backend
 
 LOCK_MODES = ("COMPLIANCE", "GOVERNANCE")
 DEFAULT_LOCK_MODE = "COMPLIANCE"
@@ -42,38 +42,6 @@ def bucket_lock_enabled(client, bucket: str) -> bool:
             return False
         raise
     return found.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
-
-
-class _LockedMultipartWriter(_S3MultipartWriter):
-    """A multipart writer whose upload is created with the lock, and whose completed version
-    gets the lock by ``PutObjectRetention`` too."""
-
-    backend: LockedS3Backend
-
-    def _upload_part(self, chunk: bytes) -> None:
-        if self.upload_id is None:
-            with self.backend._op("start a locked multipart upload of", self.key):
-                self.upload_id = self.client.create_multipart_upload(
-                    Bucket=self.bucket, Key=self.full_key,
-                    **self.backend.lock_arguments(self.key))["UploadId"]
-        super()._upload_part(chunk)
-
-    def complete(self) -> None:
-        if self.upload_id is None:
-            self._single_put_md5()
-            with self.backend._op("write", self.key):
-                self.etag = self.client.put_object(
-                    Bucket=self.bucket, Key=self.full_key, Body=bytes(self.buffer),
-                    **self.backend.lock_arguments(self.key)).get("ETag")
-            return
-        if self.buffer:
-            self._upload_part(bytes(self.buffer))
-        with self.backend._op("complete the multipart upload of", self.key):
-            done = self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self.full_key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts})
-        self.etag = done.get("ETag")
-        self.backend.lock_version(self.key, done.get("VersionId"))
 
 
 @dataclass(frozen=True)
@@ -110,13 +78,13 @@ class LockedS3Backend(S3Backend):
                 Retention={"Mode": args["ObjectLockMode"],
                            "RetainUntilDate": args["ObjectLockRetainUntilDate"]})
 
-    def _writer(self, key: str) -> _LockedMultipartWriter:
-        return _LockedMultipartWriter(self, key)
+    def _put_arguments(self, key: str) -> dict:
+        """Every object created is locked: PutObject and CreateMultipartUpload carry it."""
+        return self.lock_arguments(key)
 
-    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
-        with self._op("write", key):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                   **self.lock_arguments(key))
+    def _completed(self, key: str, response: dict) -> None:
+        """A completed multipart upload's version gets the lock by PutObjectRetention too."""
+        self.lock_version(key, response.get("VersionId"))
 
     def put_if(self, key: str, data: bytes, expected: bytes | None) -> bool:
         raise InvalidRequest("the offsite repository (Object Lock) holds no leases")

@@ -277,10 +277,10 @@ HEAD_AT_MOST = 1000  # more candidates than this: one listing of the offsite is 
 
 
 def _blob_sync_since(offsite: Backend, primary_location: str, now: datetime
-                     ) -> datetime | None:
-    """When the last complete blob sync from this primary listed it, if that is recent enough
-    to trust (``FULL_BLOB_LISTING_EVERY``): every primary blob older than that was offsite
-    then. ``None``: list the offsite's blobs in full."""
+                     ) -> tuple[datetime, datetime] | None:
+    """When the last complete blob sync from this primary listed it, and when the offsite was
+    last listed in full, if recent enough to trust (``FULL_BLOB_LISTING_EVERY``): every
+    primary blob older than the first was offsite then. ``None``: list the offsite in full."""
     raw = offsite.read_bytes(BLOB_SYNC_KEY)
     try:
         doc = json.loads(raw) if raw is not None else None
@@ -292,7 +292,7 @@ def _blob_sync_since(offsite: Backend, primary_location: str, now: datetime
         return None
     if now - full > FULL_BLOB_LISTING_EVERY or listed > now:
         return None
-    return listed
+    return listed, full
 
 
 def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers: int,
@@ -308,11 +308,11 @@ def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers:
     record, it came from another primary, it is older than ``FULL_BLOB_LISTING_EVERY`` (which
     also catches blobs removed offsite by hand), or more than ``HEAD_AT_MOST`` blobs are new."""
     listed_at = utcnow()
-    since = _blob_sync_since(offsite, primary_location, listed_at)
+    last = _blob_sync_since(offsite, primary_location, listed_at)
     mine = list(primary.list_files(BLOB_PREFIX))
-    candidates = mine if since is None else [
-        f for f in mine if f.mtime >= since - BLOB_SYNC_SKEW]
-    full = since is None or len(candidates) > HEAD_AT_MOST
+    candidates = mine if last is None else [
+        f for f in mine if f.mtime >= last[0] - BLOB_SYNC_SKEW]
+    full = last is None or len(candidates) > HEAD_AT_MOST
     if full:
         theirs = {f.key: f.size for f in offsite.list_files(BLOB_PREFIX)}
     else:
@@ -327,16 +327,14 @@ def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers:
     sizes = _parallel(one, todo, workers)
     report.blobs_copied += len(sizes)
     report.blob_bytes_copied += sum(sizes)
-    previous_full = None if full else offsite.read_bytes(BLOB_SYNC_KEY)
     offsite.write_bytes(BLOB_SYNC_KEY, json.dumps({
         "primary": primary_location, "listed_at": listed_at.isoformat(),
-        "full_listing_at": listed_at.isoformat() if full or previous_full is None
-        else json.loads(previous_full)["full_listing_at"],
+        "full_listing_at": (listed_at if full or last is None else last[1]).isoformat(),
         "blobs": len(mine), "checked": len(candidates), "copied": len(todo),
         "offsite_listed": full}, indent=2, sort_keys=True).encode())
     log.info(f"offsite blobs: {len(mine)} in the primary; " + (
         "the offsite listed in full" if full else
-        f"{len(candidates)} written since the last sync ({since:%Y-%m-%d %H:%M} UTC) checked "
+        f"{len(candidates)} written since the last sync ({last[0]:%Y-%m-%d %H:%M} UTC) checked "
         "offsite") + f"; {len(todo)} copied")
 
 
