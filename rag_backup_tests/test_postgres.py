@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 from rag_backup.defs import postgres as pg_defs
 from rag_backup.defs.resources import BackupRepositoryResource, PostgresResource
 from rag_backup.engines import postgres as engine
+from rag_backup.engines.postgres import toc
 from rag_backup.errors import (
     BackupExpired,
     BackupNotFound,
@@ -75,6 +77,68 @@ def test_round_trip_restores_an_identical_database(pg, repo, rich_db):
     assert report.comparison.compared["table_rows"] == 3
     assert report.rows == fp["rows"] and report.large_objects == 1
     assert pgutil.plain_dump(pg, rich_db) == original
+
+
+# The rich schema without its large object (whose data block may hold any bytes), plus an
+# empty table and bytes that COPY text escapes (a zero byte, a tab, a newline).
+TABLES_ONLY = pgutil.RICH_SCHEMA.replace(
+    "SELECT lo_from_bytea(0, convert_to('बड़ा ऑब्जेक्ट — a large object', 'UTF8'));", "") + r"""
+CREATE TABLE app.nothing_yet (x int);
+CREATE TABLE app.blobs (b bytea, t text);
+INSERT INTO app.blobs VALUES ('\x0000000000010000000000'::bytea, E'tab\there\nnewline');
+"""
+HEADER_END = 51  # magic, version, sizes, format, compression level, creation time (7 ints)
+
+
+def native_archive(pg, database: str, path: Path, *, piped: bool) -> bytes:
+    """``pg_dump -Fc -Z0`` (the native tool) to a file, or through a pipe as our backups do."""
+    argv = [pg.tool("pg_dump"), "--format=custom", "--compress=0", "--no-password",
+            f"--dbname={pg.dsn(database)}"]
+    env = {"PGPASSWORD": pg.password, "PATH": "/usr/bin:/bin"}
+    if piped:
+        out = subprocess.run(argv, capture_output=True, timeout=300, env=env, check=True).stdout
+        path.write_bytes(out)
+    else:
+        subprocess.run([*argv, f"--file={path}"], timeout=300, env=env, check=True)
+    return path.read_bytes()
+
+
+def test_a_piped_archive_gets_the_data_offsets_pg_dump_writes_to_a_file(pg, repo, tmp_path):
+    name = unique("offsets")
+    pgutil.create_database(pg, name, TABLES_ONLY)
+    try:
+        piped = native_archive(pg, name, tmp_path / "piped.dump", piped=True)
+        seekable = native_archive(pg, name, tmp_path / "seekable.dump", piped=False)
+        assert len(piped) == len(seekable) and piped[HEADER_END:] != seekable[HEADER_END:]
+
+        message = toc.set_data_offsets(tmp_path / "piped.dump")
+
+        # byte for byte what pg_dump writes when it can seek (but the creation time)
+        assert message == "data offsets written for 5 tables"
+        assert (tmp_path / "piped.dump").read_bytes()[HEADER_END:] == seekable[HEADER_END:]
+        assert toc.set_data_offsets(tmp_path / "seekable.dump") == (
+            "archive already has its data offsets")
+
+        # and a restore through them (pg_restore --jobs 2) is complete and checked
+        outcome, record = take_backup(repo, pg, name)
+        lines: list[str] = []
+        report = engine.restore(repo, record, pg, source_database=name,
+                                target_database=name + "_copy", log=lines.append)
+        assert any("data offsets written for 5 tables" in line for line in lines), lines
+        assert report.matches_manifest and report.comparison.differences == []
+        assert report.rows == outcome.fingerprint["databases"][name]["rows"]
+        assert pgutil.execute(pg, name + "_copy", "SELECT encode(b, 'hex'), t FROM app.blobs") == [
+            ("0000000000010000000000", "tab\there\nnewline")]
+    finally:
+        pgutil.drop_database(pg, name)
+        pgutil.drop_database(pg, name + "_copy")
+
+
+def test_an_archive_with_large_objects_keeps_its_unset_offsets(pg, rich_db, tmp_path):
+    piped = native_archive(pg, rich_db, tmp_path / "piped.dump", piped=True)
+    assert toc.set_data_offsets(tmp_path / "piped.dump") == (
+        "data offsets left to pg_restore: the archive holds BLOBS")
+    assert (tmp_path / "piped.dump").read_bytes() == piped
 
 
 def test_row_counts_come_from_the_dump_snapshot(pg, repo, rich_db):

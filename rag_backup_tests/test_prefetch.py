@@ -9,6 +9,7 @@ from contextlib import closing
 
 import pytest
 
+from rag_backup import progress
 from rag_backup.engines.prefetch import read_ahead
 
 
@@ -68,3 +69,14 @@ def test_stopping_early_stops_the_producer_and_closes_the_source():
     assert closed.is_set()
     assert len(produced) <= 6
     assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
+def test_the_producer_advances_the_callers_progress_tracker():
+    def source():
+        for block in (b"abc", b"de", b"f"):
+            progress.advance(len(block))  # as a checked read does, in the producer's thread
+            yield block
+
+    with progress.tracking("unpacking", 6) as tracker:
+        assert b"".join(read_ahead(source())) == b"abcdef"
+    assert tracker.done == 6

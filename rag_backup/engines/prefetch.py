@@ -4,11 +4,14 @@ batch before (converting, compressing, encrypting, writing) instead of adding to
 
 Bounded: at most ``depth`` items wait besides the one the caller holds. An exception in the
 producer reaches the caller at the item where it happened; a caller that stops early (an
-exception, ``break``) stops the producer and closes the source iterator in its own thread.
+exception, ``break``) stops the producer and closes the source iterator in its own thread. The
+producer runs in a copy of the caller's context, so the progress tracker current there
+(``progress.tracking``) counts what the producer advances.
 """
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections.abc import Iterator
@@ -47,7 +50,8 @@ def read_ahead(items: Iterator[T], *, depth: int = 1, name: str = "read-ahead") 
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name=name,
+                              daemon=True)
     thread.start()
     try:
         while True:

@@ -7,6 +7,7 @@ from typing import IO, Any
 import zstandard
 
 from rag_backup import progress
+from rag_backup.engines.prefetch import read_ahead
 from rag_backup.errors import IntegrityError
 from rag_backup.proc import StreamingProcess
 from rag_backup.repository import Artifact, BackupRecord, BackupRepository, PendingBackup
@@ -53,8 +54,10 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
                         out: IO[bytes] | None = None) -> None:
     """Stream an artifact through sha256 and zstd into a child's stdin and/or a file.
 
-    Memory stays bounded by ``COPY_CHUNK`` whatever the compression ratio. The compressed
-    bytes read advance the current progress tracker (their total is ``artifact.size``). Raises
+    Memory stays bounded by a few ``COPY_CHUNK`` whatever the compression ratio. A thread reads,
+    checks and decompresses the next block while this one is written (zstd and sha256 release
+    the GIL), so the two overlap. The compressed bytes read advance the current progress
+    tracker (their total is ``artifact.size``). Raises
     ``IntegrityError`` for a checksum or size mismatch (reported first: it is the better
     diagnosis) or an invalid zstd stream (zstd's own frame checksum included). A consumer that
     stops reading early (``pg_restore --list`` after the table of contents) is tolerated.
@@ -64,8 +67,9 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
     with repo.open_checked(record, artifact) as raw:
         reader = zstandard.ZstdDecompressor().stream_reader(CountedReader(raw),
                                                             read_size=COPY_CHUNK, closefd=False)
+        blocks = read_ahead(iter(lambda: reader.read(COPY_CHUNK), b""), name="unzstd")
         try:
-            for block in iter(lambda: reader.read(COPY_CHUNK), b""):
+            for block in blocks:
                 if out is not None:
                     out.write(block)
                 if pipe_open:
@@ -75,6 +79,8 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
                         pipe_open = False
         except zstandard.ZstdError as exc:
             failure = exc
+        finally:
+            blocks.close()
         raw.finish()
     if failure is not None:
         raise IntegrityError(f"{record.location}/{artifact.path} is not a valid zstd stream: "

@@ -36,6 +36,7 @@ from rag_backup.engines.postgres.sqltext import (
     statement_text,
     statements,
 )
+from rag_backup.engines.postgres.toc import BlockMarks, set_data_offsets
 from rag_backup.engines.zstream import decompress_artifact
 from rag_backup.proc import StreamingProcess, run
 from rag_backup.repository import BackupRecord, BackupRepository
@@ -158,14 +159,18 @@ def dump_schema(server: PostgresServer, database: str, *, timeout_s: float) -> S
 
 def _unpack(repo: BackupRepository, record: BackupRecord, source_database: str, tmp: str,
             log: Log) -> Path:
-    """The database's archive, checked (sha256, zstd) and decompressed into ``tmp``."""
+    """The database's archive, checked (sha256, zstd) and decompressed into ``tmp``, with the
+    data offsets pg_dump could not write through a pipe put in (``toc``), so that the workers of
+    ``pg_restore --jobs`` seek to their tables instead of reading up to them."""
     artifact = next(a for a in record.manifest.artifacts
                     if a.path == f"{source_database}{DUMP_SUFFIX}")
     archive = Path(tmp) / "archive.dump"
     with open(archive, "wb") as out, \
             progress.tracking(f"unpacking postgres archive {artifact.path}", artifact.size):
-        decompress_artifact(repo, record, artifact, out=out)
-    log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes")
+        marks = BlockMarks(out)
+        decompress_artifact(repo, record, artifact, out=marks)  # type: ignore[arg-type]
+    log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes; "
+        f"{set_data_offsets(archive, marks)}")
     return archive
 
 
