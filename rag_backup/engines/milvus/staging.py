@@ -19,7 +19,8 @@ from rag_backup.engines.milvus.artifacts import _where, local_artifact
 from rag_backup.engines.milvus.client import MilvusServer, calls
 from rag_backup.engines.milvus.common import ALL_PARTITIONS, ROWS, Log
 from rag_backup.engines.milvus.fingerprint import CollectionFingerprint
-from rag_backup.engines.milvus.parquet import iter_parquet, rows_from_batch
+from rag_backup.engines.milvus.insert import Inserter
+from rag_backup.engines.milvus.parquet import iter_parquet
 from rag_backup.engines.milvus.schema import arrow_schema, build_index_params, build_schema
 from rag_backup.engines.prefetch import read_ahead
 from rag_backup.errors import InvalidRequest, RagBackupError, ToolError
@@ -75,23 +76,24 @@ def _insert_files(client: MilvusClient, server: MilvusServer, repo: BackupReposi
                   record: BackupRecord, entry: CollectionFingerprint, desc: Mapping[str, Any],
                   target: str, batch_rows: int, *, drop_primary: bool, log: Log) -> None:
     schema = arrow_schema(desc)
+    inserter = Inserter(client, desc, target, drop_primary=drop_primary)
+    log(f"{target}: inserting by {inserter.mode}")
     for path in entry.files:
         partition = path.split("/")[-2]
+        partition_name = None if partition == ALL_PARTITIONS else partition
         where = _where(record, path)
         inserted = 0
         with local_artifact(repo, record, path) as local:
-            # the next batch is read and converted while the server inserts this one
-            batches = read_ahead((rows_from_batch(batch, desc, drop_primary=drop_primary)
+            # the next batch is read and packed while the server inserts this one
+            batches = read_ahead((inserter.prepare(batch, partition_name)
                                   for batch in iter_parquet(local, schema, batch_rows, where)),
                                  name=f"milvus-insert-{target}")
             with closing(batches):
-                for rows in batches:
+                for prepared in batches:
                     with calls(server, f"inserting into {target!r} from {path}"):
-                        client.insert(target, rows, timeout=server.long_timeout_s,
-                                      partition_name=None if partition == ALL_PARTITIONS
-                                      else partition)
-                    inserted += len(rows)
-                    progress.advance(len(rows), unit=ROWS)
+                        rows = inserter.send(prepared, server.long_timeout_s)
+                    inserted += rows
+                    progress.advance(rows, unit=ROWS)
         log(f"{target}: inserted {inserted} rows from {path}")
 
 

@@ -1,0 +1,152 @@
+"""Inserting a Parquet batch into a collection: column by column, vectors as bytes.
+
+``MilvusClient.insert`` takes rows (dicts) and packs them into an ``InsertRequest`` value by
+value: every float of every vector becomes a Python float on the way (``ndarray.tolist``), then a
+protobuf element. For 384-d vectors that was 85% of this process's CPU in a restore, on the two
+cores the server needs too (measured: 100,000 rows, 2.3 s of client CPU by rows, 0.4 s by
+columns; inserts 1.6x faster).
+
+:class:`Inserter` builds the same request from the Arrow batch instead: each scalar, JSON or
+ARRAY column through pymilvus's own column packer (``entity_helper.entity_to_field_data``: the
+same checks and encodings as its row path), each vector column straight from the Arrow buffer (a
+packed ``repeated float`` is its little-endian bytes, which protobuf parses in C), the dynamic
+fields as the ``$meta`` JSON of each row (pymilvus's ``convert_to_json``, as its row path does).
+It sends the request on the client's own gRPC stub (its channel carries the token; the call
+context, the database), checks the status and that the server counted every row, and records
+the write's timestamp for session consistency, as ``MilvusClient.insert`` does.
+
+The stub is not public API: pymilvus is pinned (constraints.txt), and if the client lacks what
+this uses, or a schema has something this does not build (a nullable or defaulted vector), the
+batch goes through ``MilvusClient.insert`` with rows as before (``rows_from_batch``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pymilvus import DataType, MilvusClient
+from pymilvus.client import entity_helper, ts_utils
+from pymilvus.client.utils import check_status
+from pymilvus.grpc_gen import milvus_pb2, schema_pb2
+
+from rag_backup.engines.milvus.parquet import rows_from_batch
+from rag_backup.engines.milvus.schema import META_COLUMN
+from rag_backup.errors import ToolError
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packed_floats(values: np.ndarray) -> bytes:
+    """A ``FloatArray`` message (``repeated float data = 1``, packed) on the wire."""
+    raw = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return b"\x0a" + _varint(len(raw)) + raw
+
+
+def _field_info(f: Mapping[str, Any]) -> dict[str, Any]:
+    """A field of the description as pymilvus describes one (what its packers read)."""
+    element = f.get("element_type")
+    return {"name": f["name"], "type": DataType[f["type"]], "params": dict(f["params"]),
+            "element_type": DataType[element] if element else None,
+            "nullable": bool(f.get("nullable", False)),
+            "default_value": f.get("default_value")}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch ready to send: a request built here, or rows for ``MilvusClient.insert``."""
+    rows: int
+    partition: str | None
+    request: milvus_pb2.InsertRequest | None = None
+    row_dicts: list[dict[str, Any]] | None = None
+
+
+class Inserter:
+    """Batches of one Parquet schema into collection ``target`` (see the module's doc)."""
+
+    def __init__(self, client: MilvusClient, desc: Mapping[str, Any], target: str, *,
+                 drop_primary: bool) -> None:
+        self.client, self.desc, self.target = client, desc, target
+        self.drop_primary = drop_primary
+        self.fields = [f for f in desc["fields"] if not (drop_primary and f["is_primary"])]
+        self.why_rows = self._why_rows()
+
+    def _why_rows(self) -> str | None:
+        """Why batches must go as rows, or None when requests can be built here."""
+        for f in self.fields:
+            if DataType[f["type"]] in (DataType.FLOAT_VECTOR, DataType.BINARY_VECTOR) and (
+                    f.get("nullable") or f.get("default_value") is not None):
+                return f"vector field {f['name']!r} is nullable or has a default"
+        try:
+            conn = self.client._get_connection()
+            stub, context = conn._stub, self.client._generate_call_context()
+            self._address = conn.server_address
+        except (AttributeError, TypeError) as exc:
+            return f"this pymilvus has no insert stub to use ({exc})"
+        self._stub, self._metadata = stub, context.to_grpc_metadata()
+        self._db_name = context.get_db_name()
+        return None
+
+    @property
+    def mode(self) -> str:
+        return f"rows ({self.why_rows})" if self.why_rows else "columns"
+
+    def prepare(self, batch: pa.RecordBatch, partition: str | None) -> Prepared:
+        """The batch as a request (or as rows); runs ahead of ``send`` in another thread."""
+        if self.why_rows:
+            return Prepared(batch.num_rows, partition, row_dicts=rows_from_batch(
+                batch, self.desc, drop_primary=self.drop_primary))
+        request = milvus_pb2.InsertRequest(collection_name=self.target,
+                                           partition_name=partition or "",
+                                           num_rows=batch.num_rows)
+        for f in self.fields:
+            request.fields_data.append(self._column(f, batch.column(f["name"]), batch.num_rows))
+        if self.desc["enable_dynamic_field"]:
+            meta = schema_pb2.FieldData(field_name=META_COLUMN, is_dynamic=True,
+                                        type=DataType.JSON)
+            meta.scalars.json_data.data.extend(
+                entity_helper.convert_to_json(json.loads(text) if text else {})
+                for text in batch.column(META_COLUMN).to_pylist())
+            request.fields_data.append(meta)
+        return Prepared(batch.num_rows, partition, request=request)
+
+    @staticmethod
+    def _column(f: Mapping[str, Any], column: pa.Array, rows: int) -> schema_pb2.FieldData:
+        dtype = DataType[f["type"]]
+        if dtype == DataType.FLOAT_VECTOR and column.null_count == 0:
+            data = schema_pb2.FieldData(field_name=f["name"], type=dtype)
+            data.vectors.dim = int(f["params"]["dim"])
+            data.vectors.float_vector.MergeFromString(
+                _packed_floats(column.flatten().to_numpy(zero_copy_only=False)))
+            return data
+        return entity_helper.entity_to_field_data(
+            {"name": f["name"], "type": dtype, "values": column.to_pylist()}, _field_info(f),
+            rows)
+
+    def send(self, prepared: Prepared, timeout: float) -> int:
+        """Insert one prepared batch; the rows the server inserted (all, or an error)."""
+        if prepared.request is None:
+            inserted = int(self.client.insert(self.target, prepared.row_dicts, timeout=timeout,
+                                              partition_name=prepared.partition)["insert_count"])
+        else:
+            response = self._stub.Insert(request=prepared.request, timeout=timeout,
+                                         metadata=self._metadata)
+            check_status(response.status)
+            ts_utils.update_collection_ts(self.target, response.timestamp, self._address,
+                                          self._db_name)
+            inserted = int(response.insert_cnt)
+        if inserted != prepared.rows:
+            raise ToolError(f"inserting into {self.target!r}: the server inserted {inserted} "
+                            f"of {prepared.rows} rows")
+        return inserted
