@@ -107,6 +107,7 @@ def restore_collection(client: MilvusClient, server: MilvusServer, repo: BackupR
                               drop_primary=auto_id and auto_id_mode == "new_ids", log=log)
         with calls(server, f"flushing {staging!r}"):
             client.flush(staging, timeout=server.long_timeout_s)
+        log(f"{staging}: flushed; building the indexes")
         _wait_indexes(client, server, staging)
         with calls(server, f"loading {staging!r}"):
             client.load_collection(staging, timeout=server.long_timeout_s)
