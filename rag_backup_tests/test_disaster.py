@@ -86,7 +86,8 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, ui: Dags
 
 def materialized(ui: DagsterUI, asset: str, partitions: list[str]) -> dict[str, dict] | None:
     """The partitions' newest materializations (metadata as text), if the UI shows every one
-    of them as materialized."""
+    of them as materialized and lists its materialization (the status can show a partition a
+    moment before its event is listed)."""
     node = ui.graphql(ASSET, {"key": {"path": [asset]}, "partitions": partitions})[
         "assetNodeOrError"]
     ranges = node["assetPartitionStatuses"]["ranges"]
@@ -98,7 +99,7 @@ def materialized(ui: DagsterUI, asset: str, partitions: list[str]) -> dict[str, 
         entries = {e["label"]: e.get("text", e.get("intRepr"))
                    for e in event["metadataEntries"]}
         newest.setdefault(event["partition"], {"run_id": event["runId"], **entries})
-    return newest
+    return newest if all(p in newest for p in partitions) else None
 
 
 def run_init_script(stack_env: dict[str, str], server_db: str, dagster_db: str) -> None:
