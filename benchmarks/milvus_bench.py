@@ -133,6 +133,19 @@ def populate(uri: str, rows: int) -> None:
     client.close()
 
 
+def empty_copy(uri: str, server: engine.MilvusServer, target: str
+               ) -> tuple[MilvusClient, dict]:
+    """A new collection ``target`` with the benchmark collection's schema and partitions, no
+    index; the client, and the benchmark collection's description."""
+    client = MilvusClient(uri=uri, timeout=TIMEOUT_S)
+    desc = engine.describe(client, server, COLLECTION)
+    client.create_collection(target, schema=engine.build_schema(desc),
+                             consistency_level="Strong")
+    for language in LANGUAGES:
+        client.create_partition(target, f"lang_{language}")
+    return client, desc
+
+
 def server_for(uri: str) -> engine.MilvusServer:
     return engine.MilvusServer(uri, os.environ.get("RAG_MILVUS_TOKEN", ""),
                                timeout_s=600, long_timeout_s=TIMEOUT_S)
@@ -178,13 +191,8 @@ def worker(argv: list[str]) -> int:
         repo = open_repository(argv[1])
         print(json.dumps(engine.verify(repo, repo.get("milvus", PARTITION))))
     elif action == "insert_loop":  # the floor of a restore by inserts: rows already in memory
-        client = MilvusClient(uri=uri, timeout=TIMEOUT_S)
-        desc = engine.describe(client, server, COLLECTION)
         target, rows = argv[1], int(argv[2])
-        client.create_collection(target, schema=engine.build_schema(desc),
-                                 consistency_level="Strong")
-        for language in LANGUAGES:
-            client.create_partition(target, f"lang_{language}")
+        client, desc = empty_copy(uri, server, target)
         batch = engine.auto_batch_rows(desc)  # the batch size our restore inserts with
         started, done = time.monotonic(), 0
         for partition, chunk in generated(rows, batch):
@@ -194,13 +202,8 @@ def worker(argv: list[str]) -> int:
         client.drop_collection(target)
         print(json.dumps({"rows": done, "insert_s": insert_s, "batch": batch}))
     elif action == "bulk_import":  # the server reads numpy column files from its storage
-        client = MilvusClient(uri=uri, timeout=TIMEOUT_S)
-        desc = engine.describe(client, server, COLLECTION)
         target, rows = argv[1], int(argv[2])
-        client.create_collection(target, schema=engine.build_schema(desc),
-                                 consistency_level="Strong")
-        for language in LANGUAGES:
-            client.create_partition(target, f"lang_{language}")
+        client, desc = empty_copy(uri, server, target)
         by_partition: dict[str, list[dict]] = {}
         for partition, chunk in generated(rows, engine.auto_batch_rows(desc)):
             by_partition.setdefault(partition, []).extend(chunk)
