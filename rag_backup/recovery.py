@@ -167,8 +167,8 @@ def placed_comparison(record: BackupRecord, placed: redis_engine.PlaceReport) ->
 
 def milvus_comparison(report: milvus_engine.RestoreReport) -> Comparison:
     """Rows of every collection and of each of its partitions against the manifest, and the
-    backup's probe searches re-run on the restored copy (same nearest id; collections without
-    rows have none)."""
+    backup's probe searches re-run on the restored copy (same nearest id, or the source's nearest
+    row in the copy at its distance; collections without rows have none)."""
     comparison = Comparison()
     for c in report.collections:
         item = f"collection {c.source}"

@@ -32,6 +32,7 @@ from rag_backup.engines.milvus import staging
 from rag_backup.engines.milvus.artifacts import read_description
 from rag_backup.engines.milvus.insert import Inserter
 from rag_backup.engines.milvus.parquet import iter_parquet
+from rag_backup.engines.milvus.probes import nearest_still_there, probe_search
 from rag_backup.errors import (
     ConfirmationRequired,
     DamagedBackup,
@@ -360,6 +361,26 @@ def test_a_client_without_the_insert_stub_inserts_rows_the_same(
             assert inserter.send(inserter.prepare(batch, None), 60) == batch.num_rows
     client.flush(target)
     assert rows_of(client, target) == originals[kinds]
+
+
+def test_a_probe_ranked_otherwise_is_settled_by_the_source_nearest_row_and_its_distance(
+        client, ms, shared, big):
+    """An index built anew may rank another row first; the probe then holds if the source's
+    nearest row is in the copy at the distance the source reported, and fails if it is not."""
+    directory, _, record = shared
+    probes = read_description(BackupRepository(FilesystemBackend(directory)), record, big)[
+        "probes"]
+    if client.get_load_state(big)["state"].name != "Loaded":
+        client.load_collection(big)
+    vector = probes["queries"][0]["vector"]
+    ids, distances = probe_search(client, ms, big, probes, vector)
+    # as if the source's index had ranked the 4th row first
+    ranked_otherwise = {"vector": vector, "ids": [ids[3]], "distances": [distances[3]]}
+    assert ids[0] != ids[3] and abs(distances[0] - distances[3]) > 1e-5
+    assert nearest_still_there(client, ms, big, probes, ranked_otherwise)
+    for damaged in ({**ranked_otherwise, "distances": [distances[3] - 0.01]},  # vector changed
+                    {**ranked_otherwise, "ids": [max(ids) + 10_000_000]}):  # row missing
+        assert not nearest_still_there(client, ms, big, probes, damaged)
 
 
 def test_auto_id_collection_keeps_its_ids_and_its_auto_id(

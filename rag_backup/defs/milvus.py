@@ -212,7 +212,8 @@ def restore_milvus_job():
     re-created with the same schema, partitions and index params in a staging collection,
     filled from the Parquet files in batches with its primary keys kept, indexed, loaded and
     compared with the manifest (row counts per partition, and probe searches that must return
-    the same nearest ids as on the source) before it takes the target's name; an existing
+    the same nearest ids as on the source, or find the source's nearest row in the copy at its
+    distance) before it takes the target's name; an existing
     target is dropped only when confirm names it. auto_id collections: Milvus refuses explicit
     ids on insert, so by default (auto_id_mode 'import') the rows go through a loader collection
     whose binlogs the server bulk-imports in backup mode (as milvus-backup does), keeping both

@@ -125,11 +125,12 @@ def restore_collection(client: MilvusClient, server: MilvusServer, repo: BackupR
                 not (auto_id and auto_id_mode == "new_ids"):
             raise IntegrityError(
                 f"restored copy of {source!r}: {probes - top1} of {probes} probe searches "
-                f"return another nearest id than on the source at backup time; target "
+                f"return another nearest id than on the source at backup time, and the "
+                f"source's nearest row is not in the copy at its distance; target "
                 f"{target!r} was not touched")
         log(f"{staging}: {rows} rows match the manifest; probe searches: {identical}/{probes} "
             f"identical top-{desc.get('probes', {}).get('limit', 0)}, {top1}/{probes} same "
-            "nearest id")
+            "nearest row (or the source's nearest in the copy at its distance)")
     except BaseException:
         _drop(client, server, staging)
         raise
