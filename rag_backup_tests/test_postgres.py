@@ -134,6 +134,16 @@ def test_a_piped_archive_gets_the_data_offsets_pg_dump_writes_to_a_file(pg, repo
         pgutil.drop_database(pg, name + "_copy")
 
 
+@pytest.mark.parametrize("size", [1, 2, 5, 10, 11, 12, 1 << 20])
+def test_block_marks_are_found_however_the_writes_cut_them(size):
+    data = (b"head" + toc.MARK + (7).to_bytes(4, "little") + b"\n" + toc.MARK
+            + (9).to_bytes(4, "little") + b"row\n" * 3 + toc.MARK + (11).to_bytes(4, "little"))
+    marks = toc.BlockMarks()
+    for start in range(0, len(data), size):
+        marks.write(data[start:start + size])
+    assert marks.found == [(9, 7), (21, 9), (44, 11)]
+
+
 def test_an_archive_with_large_objects_keeps_its_unset_offsets(pg, rich_db, tmp_path):
     piped = native_archive(pg, rich_db, tmp_path / "piped.dump", piped=True)
     assert toc.set_data_offsets(tmp_path / "piped.dump") == (

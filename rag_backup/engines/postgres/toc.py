@@ -67,7 +67,9 @@ class BlockMarks:
                 self._note(block, at, self.written)
             at = block.find(MARK, at + 1)
         self.written += len(block)
-        self.tail = block[-(MARKED - 1):]
+        # the last bytes written, for a mark cut by the next block (a short block keeps some of
+        # the tail before it)
+        self.tail = (block if len(block) >= MARKED - 1 else self.tail + block)[-(MARKED - 1):]
         return len(block)
 
     def _note(self, data: bytes, at: int, base: int) -> None:
