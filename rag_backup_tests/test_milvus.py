@@ -353,7 +353,8 @@ def test_a_client_without_the_insert_stub_inserts_rows_the_same(
     class PublicOnly:  # MilvusClient's public insert, nothing private
         insert = staticmethod(client.insert)
 
-    inserter = Inserter(PublicOnly(), desc, target, drop_primary=False)  # type: ignore[arg-type]
+    inserter = Inserter(PublicOnly(), desc, target, drop_primary=False,  # type: ignore[arg-type]
+                        timeout=60)
     assert inserter.mode.startswith("rows (this pymilvus has no insert stub")
     for path in engine.fingerprint_of(record).collections[kinds].files:
         for batch in iter_parquet(Path(record.location) / path, engine.arrow_schema(desc), 150,

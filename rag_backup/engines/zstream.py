@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import zstandard
 
@@ -13,6 +13,12 @@ from rag_backup.proc import StreamingProcess
 from rag_backup.repository import Artifact, BackupRecord, BackupRepository, PendingBackup
 
 COPY_CHUNK = 1024 * 1024
+
+
+class Writer(Protocol):
+    """Where decompressed bytes go: a file, or a wrapper of one (``postgres.toc.BlockMarks``)."""
+
+    def write(self, data: bytes, /) -> Any: ...
 
 
 def copy_stream(source: IO[bytes], sink: Any, chunk: int = COPY_CHUNK) -> int:
@@ -51,7 +57,7 @@ def compress_into(pending: PendingBackup, name: str, source: IO[bytes], level: i
 
 def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: Artifact, *,
                         consumer: StreamingProcess | None = None,
-                        out: IO[bytes] | None = None) -> None:
+                        out: Writer | None = None) -> None:
     """Stream an artifact through sha256 and zstd into a child's stdin and/or a file.
 
     Memory stays bounded by a few ``COPY_CHUNK`` whatever the compression ratio. A thread reads,

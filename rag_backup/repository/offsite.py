@@ -329,7 +329,7 @@ def _sync_blobs(primary: Backend, offsite: Backend, report: CopyReport, workers:
     report.blob_bytes_copied += sum(sizes)
     offsite.write_bytes(BLOB_SYNC_KEY, json.dumps({
         "primary": primary_location, "listed_at": listed_at.isoformat(),
-        "full_listing_at": (listed_at if full or last is None else last[1]).isoformat(),
+        "full_listing_at": (listed_at if full else last[1]).isoformat(),
         "blobs": len(mine), "checked": len(candidates), "copied": len(todo),
         "offsite_listed": full}, indent=2, sort_keys=True).encode())
     log.info(f"offsite blobs: {len(mine)} in the primary; " + (

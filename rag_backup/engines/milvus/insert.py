@@ -2,13 +2,13 @@
 
 ``MilvusClient.insert`` takes rows (dicts) and packs them into an ``InsertRequest`` value by
 value: every float of every vector becomes a Python float on the way (``ndarray.tolist``), then a
-protobuf element. For 384-d vectors that was 85% of this process's CPU in a restore, on the two
-cores the server needs too (measured: 100,000 rows, 2.3 s of client CPU by rows, 0.4 s by
-columns; inserts 1.6x faster).
+protobuf element, on the cores the server needs too (measured, 100,000 rows of 384-d vectors:
+2.3 s of this process's CPU by rows, 0.4 s by columns; inserts 1.6x faster).
 
 :class:`Inserter` builds the same request from the Arrow batch instead: each scalar, JSON or
-ARRAY column through pymilvus's own column packer (``entity_helper.entity_to_field_data``: the
-same checks and encodings as its row path), each vector column straight from the Arrow buffer (a
+ARRAY column through pymilvus's own column packer (``entity_helper.entity_to_field_data``, fed
+the target's fields as the server describes them, as pymilvus's row path is: the same checks
+and encodings), each vector column straight from the Arrow buffer (a
 packed ``repeated float`` is its little-endian bytes, which protobuf parses in C), the dynamic
 fields as the ``$meta`` JSON of each row (pymilvus's ``convert_to_json``, as its row path does).
 It sends the request on the client's own gRPC stub (its channel carries the token; the call
@@ -35,7 +35,7 @@ from pymilvus.client.utils import check_status
 from pymilvus.grpc_gen import milvus_pb2, schema_pb2
 
 from rag_backup.engines.milvus.parquet import rows_from_batch
-from rag_backup.engines.milvus.schema import META_COLUMN
+from rag_backup.engines.milvus.schema import META_COLUMN, VECTOR_TYPES
 from rag_backup.errors import ToolError
 
 
@@ -54,15 +54,6 @@ def _packed_floats(values: np.ndarray) -> bytes:
     return b"\x0a" + _varint(len(raw)) + raw
 
 
-def _field_info(f: Mapping[str, Any]) -> dict[str, Any]:
-    """A field of the description as pymilvus describes one (what its packers read)."""
-    element = f.get("element_type")
-    return {"name": f["name"], "type": DataType[f["type"]], "params": dict(f["params"]),
-            "element_type": DataType[element] if element else None,
-            "nullable": bool(f.get("nullable", False)),
-            "default_value": f.get("default_value")}
-
-
 @dataclass(frozen=True)
 class Prepared:
     """A batch ready to send: a request built here, or rows for ``MilvusClient.insert``."""
@@ -76,27 +67,27 @@ class Inserter:
     """Batches of one Parquet schema into collection ``target`` (see the module's doc)."""
 
     def __init__(self, client: MilvusClient, desc: Mapping[str, Any], target: str, *,
-                 drop_primary: bool) -> None:
+                 drop_primary: bool, timeout: float) -> None:
         self.client, self.desc, self.target = client, desc, target
         self.drop_primary = drop_primary
         self.fields = [f for f in desc["fields"] if not (drop_primary and f["is_primary"])]
-        self.why_rows = self._why_rows()
-
-    def _why_rows(self) -> str | None:
-        """Why batches must go as rows, or None when requests can be built here."""
-        for f in self.fields:
-            if DataType[f["type"]] in (DataType.FLOAT_VECTOR, DataType.BINARY_VECTOR) and (
-                    f.get("nullable") or f.get("default_value") is not None):
-                return f"vector field {f['name']!r} is nullable or has a default"
+        self.why_rows = next((f"vector field {f['name']!r} is nullable or has a default"
+                              for f in self.fields if DataType[f["type"]] in VECTOR_TYPES
+                              and (f.get("nullable") or f.get("default_value") is not None)),
+                             None)
+        if self.why_rows:
+            return
         try:
-            conn = self.client._get_connection()
-            stub, context = conn._stub, self.client._generate_call_context()
-            self._address = conn.server_address
+            conn, context = client._get_connection(), client._generate_call_context()
+            self._stub, self._address = conn._stub, conn.server_address
         except (AttributeError, TypeError) as exc:
-            return f"this pymilvus has no insert stub to use ({exc})"
-        self._stub, self._metadata = stub, context.to_grpc_metadata()
-        self._db_name = context.get_db_name()
-        return None
+            self.why_rows = f"this pymilvus has no insert stub to use ({exc})"
+            return
+        self._metadata, self._db_name = context.to_grpc_metadata(), context.get_db_name()
+        # the fields as the server describes the target: what pymilvus's packers read
+        described = {f["name"]: f for f in client.describe_collection(
+            target, timeout=timeout)["fields"]}
+        self._infos = [described[f["name"]] for f in self.fields]
 
     @property
     def mode(self) -> str:
@@ -110,8 +101,9 @@ class Inserter:
         request = milvus_pb2.InsertRequest(collection_name=self.target,
                                            partition_name=partition or "",
                                            num_rows=batch.num_rows)
-        for f in self.fields:
-            request.fields_data.append(self._column(f, batch.column(f["name"]), batch.num_rows))
+        for info in self._infos:
+            request.fields_data.append(
+                self._column(info, batch.column(info["name"]), batch.num_rows))
         if self.desc["enable_dynamic_field"]:
             meta = schema_pb2.FieldData(field_name=META_COLUMN, is_dynamic=True,
                                         type=DataType.JSON)
@@ -122,17 +114,16 @@ class Inserter:
         return Prepared(batch.num_rows, partition, request=request)
 
     @staticmethod
-    def _column(f: Mapping[str, Any], column: pa.Array, rows: int) -> schema_pb2.FieldData:
-        dtype = DataType[f["type"]]
+    def _column(info: Mapping[str, Any], column: pa.Array, rows: int) -> schema_pb2.FieldData:
+        dtype = DataType(info["type"])
         if dtype == DataType.FLOAT_VECTOR and column.null_count == 0:
-            data = schema_pb2.FieldData(field_name=f["name"], type=dtype)
-            data.vectors.dim = int(f["params"]["dim"])
+            data = schema_pb2.FieldData(field_name=info["name"], type=dtype)
+            data.vectors.dim = int(info["params"]["dim"])
             data.vectors.float_vector.MergeFromString(
                 _packed_floats(column.flatten().to_numpy(zero_copy_only=False)))
             return data
         return entity_helper.entity_to_field_data(
-            {"name": f["name"], "type": dtype, "values": column.to_pylist()}, _field_info(f),
-            rows)
+            {"name": info["name"], "type": dtype, "values": column.to_pylist()}, info, rows)
 
     def send(self, prepared: Prepared, timeout: float) -> int:
         """Insert one prepared batch; the rows the server inserted (all, or an error)."""

@@ -76,7 +76,9 @@ def _insert_files(client: MilvusClient, server: MilvusServer, repo: BackupReposi
                   record: BackupRecord, entry: CollectionFingerprint, desc: Mapping[str, Any],
                   target: str, batch_rows: int, *, drop_primary: bool, log: Log) -> None:
     schema = arrow_schema(desc)
-    inserter = Inserter(client, desc, target, drop_primary=drop_primary)
+    with calls(server, f"describing {target!r}"):
+        inserter = Inserter(client, desc, target, drop_primary=drop_primary,
+                            timeout=server.timeout_s)
     log(f"{target}: inserting by {inserter.mode}")
     for path in entry.files:
         partition = path.split("/")[-2]

@@ -168,7 +168,7 @@ def _unpack(repo: BackupRepository, record: BackupRecord, source_database: str, 
     with open(archive, "wb") as out, \
             progress.tracking(f"unpacking postgres archive {artifact.path}", artifact.size):
         marks = BlockMarks(out)
-        decompress_artifact(repo, record, artifact, out=marks)  # type: ignore[arg-type]
+        decompress_artifact(repo, record, artifact, out=marks)
     log(f"archive {artifact.path} checked and unpacked: {archive.stat().st_size} bytes; "
         f"{set_data_offsets(archive, marks)}")
     return archive
