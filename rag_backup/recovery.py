@@ -5,9 +5,13 @@ restore drill.
   or before it, and how far apart those backups are (``spread_s``).
 - ``restore_all``: the chosen backups restored, each store through its engine, into scratch
   targets named with one timestamp (``Scratch``) or over production (``Production``, with each
-  store's confirmation, every one checked before anything is restored).
+  store's confirmation, every one checked before anything is restored). The stores are
+  restored all at once (each in its own thread: the work is in the stores' servers and in
+  subprocesses, so the run takes about as long as its slowest store) or, with
+  ``concurrent=False``, one after the other.
 - ``drill``: the newest verified backup of every store restored into scratch targets, each
-  store on its own (one failure does not stop the others), the cross-store consistency rules
+  store on its own (one failure does not stop the others; all at once by default), the
+  cross-store consistency rules
   (``rag_backup.consistency``) evaluated on what was restored, every scratch target removed
   (also when something failed); a ``DrillResult`` says what happened.
 
@@ -18,14 +22,18 @@ engines' connection objects: adding a store means adding an entry, not editing t
 
 from __future__ import annotations
 
+import contextvars
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from rag_backup import consistency
 from rag_backup.engines import milvus as milvus_engine
@@ -43,6 +51,7 @@ from rag_backup.repository.manifest import utcnow
 
 Log = Callable[[str], None]
 STORES = ("postgres", "redis", "minio", "milvus")
+R = TypeVar("R")
 
 
 def _quiet(_: str) -> None:
@@ -487,27 +496,114 @@ def _entries(stores: Sequence[StoreRecovery], wanted: Sequence[str]) -> dict[str
     return entries
 
 
+class StoresFailed(RagBackupError):
+    """Several stores of one run failed; ``errors`` holds each one's error, ``restored`` what
+    the other stores restored meanwhile."""
+
+    def __init__(self, errors: Mapping[str, Exception], restored: Sequence[Restored]) -> None:
+        self.errors, self.restored = dict(errors), list(restored)
+        super().__init__("; ".join(f"{store}: {exc}" for store, exc in self.errors.items())
+                         + _restored_meanwhile(self.restored))
+
+
+def _restored_meanwhile(restored: Sequence[Restored]) -> str:
+    if not restored:
+        return " (no store was restored)"
+    return " (restored meanwhile: " + ", ".join(f"{r.store} into {r.target}"
+                                                  for r in restored) + ")"
+
+
+def each_store(stores: Sequence[str], work: Callable[[str, ExitStack, Log], R],
+               cleanup: ExitStack, log: Log, *, concurrent: bool = True
+               ) -> tuple[dict[str, R], dict[str, Exception]]:
+    """``work(store, its_cleanup, its_log)`` for every store: all at once, each in its own
+    thread (in a copy of the caller's context, so progress is tracked), or one after the
+    other, stopping at the first failure. Returns the results and the errors by store, both
+    in the order of ``stores``. Each store's own ``ExitStack`` (what lives as long as the run:
+    private targets, removals) is handed to ``cleanup`` whatever happened. A thread's log
+    lines reach ``log`` on the calling thread (a Dagster run's log is not for other threads),
+    each starting with its store."""
+    done: dict[str, R] = {}
+    failed: dict[str, Exception] = {}
+    if not concurrent or len(stores) < 2:
+        for store in stores:
+            try:
+                done[store] = work(store, cleanup.enter_context(ExitStack()), log)
+            except Exception as exc:  # noqa: BLE001 - the caller decides what a failure means
+                failed[store] = exc
+                break
+        return done, failed
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    handing = threading.Lock()
+
+    def run(store: str) -> R:
+        own = ExitStack()
+        try:
+            return work(store, own, lambda line: lines.put(
+                line if line.startswith(f"{store}:") else f"{store}: {line}"))
+        finally:
+            with handing:
+                cleanup.push(own)
+
+    def forward() -> None:
+        while not lines.empty():
+            log(lines.get())
+
+    with ThreadPoolExecutor(max_workers=len(stores), thread_name_prefix="restore") as pool:
+        futures = {store: pool.submit(contextvars.copy_context().run, run, store)
+                   for store in stores}
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            forward()
+    forward()
+    for store, future in futures.items():
+        exc = future.exception()
+        if exc is None:
+            done[store] = future.result()
+        elif isinstance(exc, Exception):
+            failed[store] = exc
+        else:
+            raise exc  # KeyboardInterrupt and the like: not a store's failure
+    return done, failed
+
+
 def restore_all(repo: BackupRepository, stores: Sequence[StoreRecovery],
                 chosen: Mapping[str, BackupRecord], *, production: bool = False,
                 confirm: Mapping[str, str] | None = None, accept_differences: bool = False,
-                stamp: str | None = None, log: Log = _quiet) -> list[Restored]:
-    """Restore each chosen backup, in order: into scratch targets named with one timestamp
-    (``stamp``, default now) or, with ``production``, over the stores themselves; then every
-    store's confirmation (``confirm[store]``) is checked before anything is restored.
-    A restore that fails raises (the stores before it stay restored); one that differs from
-    its backup raises unless ``accept_differences`` (PostgreSQL, MinIO), else it is returned
-    with ``matches_manifest`` false."""
+                stamp: str | None = None, concurrent: bool = True, log: Log = _quiet
+                ) -> list[Restored]:
+    """Restore each chosen backup: into scratch targets named with one timestamp (``stamp``,
+    default now) or, with ``production``, over the stores themselves; every store's
+    confirmation (``confirm[store]``) is checked before anything is restored.
+    All stores at once (``concurrent``), or one after the other, stopping at the first failure.
+    A restore that fails raises once the others ended (they stay restored, and the log says
+    where): its own error when one store failed, ``StoresFailed`` when several did. One that
+    differs from its backup raises unless ``accept_differences`` (PostgreSQL, MinIO), else it
+    is returned with ``matches_manifest`` false."""
     entries = _entries(stores, list(chosen))
     scratch, confirm = Scratch("pit", stamp or new_stamp()), confirm or {}
     into: dict[str, Into] = {store: Production(confirm.get(store, "")) if production
                              else scratch for store in chosen}
     for store, record in chosen.items():
         entries[store].check_confirmation(record, into[store])
+
+    def restore(store: str, cleanup: ExitStack, store_log: Log) -> Restored:
+        return entries[store].restore(repo, chosen[store], into[store],
+                                      accept_differences=accept_differences, cleanup=cleanup,
+                                      log=store_log)
+
     with ExitStack() as cleanup:
-        return [entries[store].restore(repo, record, into[store],
-                                       accept_differences=accept_differences, cleanup=cleanup,
-                                       log=log)
-                for store, record in chosen.items()]
+        done, failed = each_store(list(chosen), restore, cleanup, log, concurrent=concurrent)
+        restored = list(done.values())
+        if len(failed) > 1:
+            raise StoresFailed(failed, restored)
+        if failed:
+            [(store, exc)] = failed.items()
+            if restored or len(chosen) > 1:
+                log(f"{store}: the restore failed: {exc}{_restored_meanwhile(restored)}")
+            raise exc
+        return restored
 
 
 # -- the drill -----------------------------------------------------------------------------
@@ -522,6 +618,7 @@ class DrillResult:
     errors: dict[str, str]
     rules: list[consistency.RuleResult]
     problems: list[str]
+    wall_s: float = 0.0  # from the first restore's start to the last one's end
 
     @property
     def spread_s(self) -> float:
@@ -549,38 +646,48 @@ def _removing(problems: list[str], what: str, remove: Callable[..., None], *args
 
 def drill(repo: BackupRepository, stores: Sequence[StoreRecovery],
           rules: Sequence[Any], *, point: datetime | None = None, stamp: str | None = None,
-          log: Log = _quiet, log_error: Log | None = None) -> DrillResult:
+          concurrent: bool = True, log: Log = _quiet, log_error: Log | None = None
+          ) -> DrillResult:
     """Restore the newest verified backup (at ``point``, default now) of every store into
-    scratch targets labelled ``drill``, each store in its own try (its removal registered
-    before its restore, so a half-done restore is removed too), evaluate ``rules`` on what was
-    restored, and remove every scratch target, also when something failed."""
+    scratch targets labelled ``drill``, each store on its own (all at once with
+    ``concurrent``; its removal registered before its restore, so a half-done restore is
+    removed too), evaluate ``rules`` on what was restored, and remove every scratch target,
+    also when something failed."""
     log_error = log_error or log
-    chosen = choose(repo, [s.store for s in stores], point or utcnow())
+    entries = {entry.store: entry for entry in stores}
+    chosen = choose(repo, list(entries), point or utcnow())
     scratch = Scratch("drill", stamp or new_stamp())
     problems: list[str] = []
-    restored: dict[str, Restored] = {}
-    errors: dict[str, str] = {}
+
+    def restore(store: str, cleanup: ExitStack, store_log: Log) -> tuple[Restored, str]:
+        entry, record = entries[store], chosen[store]
+        started, planned = time.monotonic(), {}
+        try:
+            planned = entry.targets(record, scratch)
+            if planned:
+                cleanup.callback(_removing(problems, f"{store} scratch target(s) "
+                                           f"{', '.join(planned.values())}", entry.remove,
+                                           repo, record, scratch))
+            restored = entry.restore(repo, record, scratch, accept_differences=False,
+                                     cleanup=cleanup, log=store_log)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - the other stores are still drilled
+            error = str(exc)
+            restored = Restored(store, record.partition_key, record.backup_id,
+                                record.manifest.started_at, ", ".join(planned.values()), 0.0,
+                                failed_comparison(exc))
+        restored.seconds = restored.seconds or time.monotonic() - started
+        return restored, error
+
+    started = time.monotonic()
     with ExitStack() as cleanup:
-        for entry in stores:
-            store, record = entry.store, chosen[entry.store]
-            started, planned = time.monotonic(), {}
-            try:
-                planned = entry.targets(record, scratch)
-                if planned:
-                    cleanup.callback(_removing(problems, f"{store} scratch target(s) "
-                                               f"{', '.join(planned.values())}", entry.remove,
-                                               repo, record, scratch))
-                restored[store] = entry.restore(repo, record, scratch, accept_differences=False,
-                                                cleanup=cleanup, log=log)
-            except Exception as exc:  # noqa: BLE001 - the other stores are still drilled
-                log_error(f"{store}: the restore failed: {exc}")
-                errors[store] = str(exc)
-                restored[store] = Restored(store, record.partition_key, record.backup_id,
-                                           record.manifest.started_at,
-                                           ", ".join(planned.values()), 0.0,
-                                           failed_comparison(exc))
-                problems.append(f"{store}: the restore failed: {exc}")
-            restored[store].seconds = restored[store].seconds or time.monotonic() - started
+        done, _ = each_store(list(entries), restore, cleanup, log, concurrent=concurrent)
+        wall_s = time.monotonic() - started
+        restored = {store: r for store, (r, _) in done.items()}
+        errors = {store: error for store, (_, error) in done.items() if error}
+        for store, error in errors.items():
+            log_error(f"{store}: the restore failed: {error}")
+            problems.append(f"{store}: the restore failed: {error}")
         fields: dict[str, Any] = {}
         for entry in stores:
             fields.update(entry.rules_data(restored[entry.store]))
@@ -593,4 +700,4 @@ def drill(repo: BackupRepository, stores: Sequence[StoreRecovery],
             problems.append(f"{r.store}: the restored data differ from the backup: "
                             f"{r.comparison.summary()}")
     problems += [r.summary() for r in results if not r.passed]
-    return DrillResult(chosen, restored, errors, results, problems)
+    return DrillResult(chosen, restored, errors, results, problems, wall_s)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import time
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -248,6 +250,99 @@ def test_the_plain_module_checks_every_confirmation_before_restoring_anything(
         plain.plan(repo, [], "yesterday")
 
 
+def closed_url() -> str:
+    """An address on which nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@dataclass
+class Timed:
+    """A real store's recovery entry, noting when its restore started and ended."""
+
+    entry: plain.StoreRecovery
+    span: list[float] = field(default_factory=list)
+
+    @property
+    def store(self) -> str:
+        return self.entry.store
+
+    def __getattr__(self, name):
+        return getattr(self.entry, name)
+
+    def restore(self, *args, **kwargs):
+        self.span.append(time.monotonic())
+        try:
+            return self.entry.restore(*args, **kwargs)
+        finally:
+            self.span.append(time.monotonic())
+
+
+def test_the_stores_restore_at_once_and_a_failure_leaves_the_others_restored(
+        pg, resources, backed_up, repo, tmp_path):
+    """All at once (their restores overlap in time); MinIO unreachable: PostgreSQL and Redis
+    are still restored, the log says where, and MinIO's own error is raised."""
+    minio = resources["minio"].s3()
+    entries = [Timed(plain.PostgresRecovery(resources["postgres"].server(), databases=["ragqa"])),
+               Timed(plain.RedisRecovery(resources["redis"].server(),
+                                         scratch_dir=str(tmp_path))),
+               Timed(plain.MinioRecovery(replace(minio, url=closed_url(), max_attempts=1)))]
+    chosen = {s: r for s, r in plain.plan(repo).chosen.items() if s != "milvus"}
+    lines: list[str] = []
+    before = pgutil.databases(pg)
+    try:
+        with pytest.raises(Exception, match=r"127\.0\.0\.1") as failed:
+            plain.restore_all(repo, entries, chosen, log=lines.append)
+        assert not isinstance(failed.value, plain.StoresFailed)
+        [created] = pgutil.databases(pg) - before
+        assert created.startswith("ragqa_pit_")
+        assert pgutil.execute(pg, created, "SELECT count(*) FROM documents") == \
+            pgutil.execute(pg, "ragqa", "SELECT count(*) FROM documents")
+        [rdb] = tmp_path.glob("redis-*/dump.rdb")
+        [summary] = [line for line in lines if line.startswith("minio: the restore failed")]
+        assert f"restored meanwhile: postgres into {created}, redis into {rdb}" in summary
+        assert any(line.startswith("postgres: ") for line in lines[:-1])
+        starts, ends = [e.span[0] for e in entries], [e.span[1] for e in entries]
+        assert max(starts) < min(ends), [e.span for e in entries]  # they ran at the same time
+    finally:
+        for name in pgutil.databases(pg) - before:
+            pgutil.drop_database(pg, name)
+
+
+def test_one_store_at_a_time_stops_at_the_first_failure_and_several_failures_name_each(
+        pg, resources, backed_up, repo, tmp_path):
+    minio = resources["minio"].s3()
+    broken_minio = plain.MinioRecovery(replace(minio, url=closed_url(), max_attempts=1))
+    server = resources["postgres"].server()
+    broken_pg = plain.PostgresRecovery(replace(server, port=int(closed_url().rsplit(":", 1)[1])),
+                                       databases=["ragqa"])
+    working_pg = plain.PostgresRecovery(server, databases=["ragqa"])
+    redis = plain.RedisRecovery(resources["redis"].server(), scratch_dir=str(tmp_path))
+    chosen = plain.plan(repo).chosen
+    before = pgutil.databases(pg)
+    # one after the other, MinIO first: it fails and PostgreSQL is never started
+    lines: list[str] = []
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        plain.restore_all(repo, [broken_minio, working_pg],
+                          {"minio": chosen["minio"], "postgres": chosen["postgres"]},
+                          concurrent=False, log=lines.append)
+    assert pgutil.databases(pg) == before
+    assert any("minio: the restore failed" in line and "(no store was restored)" in line
+               for line in lines)
+    # all at once, two stores failing: one error naming both, and what was restored
+    with pytest.raises(plain.StoresFailed) as failed:
+        plain.restore_all(repo, [broken_pg, redis, broken_minio],
+                          {s: chosen[s] for s in ("postgres", "redis", "minio")})
+    assert set(failed.value.errors) == {"postgres", "minio"}
+    [rdb] = tmp_path.glob("redis-*/dump.rdb")
+    text = str(failed.value)
+    assert text.startswith("postgres: ") and "; minio: " in text
+    assert text.endswith(f"(restored meanwhile: redis into {rdb})")
+    assert [r.store for r in failed.value.restored] == ["redis"]
+    assert pgutil.databases(pg) == before
+
+
 def test_scratch_removal_verbs_refuse_what_is_not_scratch(pg, s3, resources, repo):
     server = resources["postgres"].server()
     for name in ("postgres", "template1", ""):
@@ -396,9 +491,7 @@ def test_a_failed_store_restore_still_records_every_restore_time(pg, s3, resourc
     """MinIO is unreachable: the other stores are still restored, timed, checked with the
     rules that can run, and removed; the drill fails naming what did not work."""
     before, buckets_before = pgutil.databases(pg), buckets(s3)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    closed = closed_url()
     minio = resources["minio"]
     broken = dict(resources, minio=MinioResource(endpoint=closed, access_key=minio.access_key,
                                                  secret_key=minio.secret_key))
