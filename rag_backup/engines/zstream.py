@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import IO, Any, Protocol
 
 import zstandard
@@ -55,14 +56,34 @@ def compress_into(pending: PendingBackup, name: str, source: IO[bytes], level: i
             copy_stream(source, zout)
 
 
+class BlockReader:
+    """The file object zstd's stream reader wants, over an iterator of byte blocks (a read
+    returns at most the rest of the current block: the reader asks again; b"" only at the
+    end)."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self.blocks, self.pending = blocks, memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        while not self.pending:  # an empty block is not the end
+            block = next(self.blocks, None)
+            if block is None:
+                return b""
+            self.pending = memoryview(block)
+        size = len(self.pending) if size < 0 else size
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return bytes(data)
+
+
 def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: Artifact, *,
                         consumer: StreamingProcess | None = None,
                         out: Writer | None = None) -> None:
     """Stream an artifact through sha256 and zstd into a child's stdin and/or a file.
 
-    Memory stays bounded by a few ``COPY_CHUNK`` whatever the compression ratio. A thread reads,
-    checks and decompresses the next block while this one is written (zstd and sha256 release
-    the GIL), so the two overlap. The compressed bytes read advance the current progress
+    Memory stays bounded by a few ``COPY_CHUNK`` whatever the compression ratio. Three stages
+    overlap, each on its own thread: reading the next compressed blocks (decrypting and hashing
+    them), decompressing the block before, writing the one before that (zstd, sha256 and the
+    decryption release the GIL). The compressed bytes read advance the current progress
     tracker (their total is ``artifact.size``). Raises
     ``IntegrityError`` for a checksum or size mismatch (reported first: it is the better
     diagnosis) or an invalid zstd stream (zstd's own frame checksum included). A consumer that
@@ -71,8 +92,10 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
     pipe_open = consumer is not None
     failure: zstandard.ZstdError | None = None
     with repo.open_checked(record, artifact) as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(CountedReader(raw),
-                                                            read_size=COPY_CHUNK, closefd=False)
+        counted = CountedReader(raw)
+        compressed = read_ahead(iter(lambda: counted.read(COPY_CHUNK), b""), name="read")
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            BlockReader(compressed), read_size=COPY_CHUNK, closefd=False)
         blocks = read_ahead(iter(lambda: reader.read(COPY_CHUNK), b""), name="unzstd")
         try:
             for block in blocks:
@@ -87,6 +110,7 @@ def decompress_artifact(repo: BackupRepository, record: BackupRecord, artifact: 
             failure = exc
         finally:
             blocks.close()
+            compressed.close()  # the reading thread is done before ``finish`` reads on
         raw.finish()
     if failure is not None:
         raise IntegrityError(f"{record.location}/{artifact.path} is not a valid zstd stream: "
