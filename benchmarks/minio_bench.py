@@ -47,6 +47,7 @@ Usage::
 
     .venv/bin/python benchmarks/minio_bench.py [--objects 10000] [--change 0.01] \
         [--offsite bucket|dir] [--json out.json]
+    .venv/bin/python benchmarks/minio_bench.py --ours-only --objects 100000   # scale runs
 """
 
 from __future__ import annotations
@@ -439,6 +440,55 @@ def benchmark(count: int, share: float, offsite_kind: str, work: Path) -> dict:
         stack.down()
 
 
+def scale_benchmark(count: int, share: float, work: Path) -> dict:
+    """``--ours-only``: our engine alone (clear repository) through the same nights and restore,
+    for scale runs where every contender would take hours: time and peak memory per phase."""
+    stack = DevStack(root=work / "stack", services=("s3",))
+    env = stack.up(seed=False)
+    try:
+        client = engine.S3Endpoint(env["RAG_S3_ENDPOINT"], env["RAG_S3_ACCESS_KEY"],
+                                   env["RAG_S3_SECRET_KEY"], env["RAG_S3_REGION"],
+                                   max_connections=32).client()
+        client.create_bucket(Bucket=BUCKET)
+        log(f"uploading {count:,} objects")
+        keys, total = populate(client, count)
+        log(f"{count:,} objects, {total / MB:.1f} MB")
+        repo, env = work / "repo", {**env, **encryption_env(False)}
+        rows = []
+        for phase, what, action, night in (("full", "backup()", "backup", NIGHT1),
+                                           ("verify", "verify()", "verify", NIGHT1)):
+            row, stats = measured(phase, "ours", what, me(action, str(repo), night), env)
+            rows.append(row)
+        age_by_a_day(repo)
+        changed, changed_bytes = change(client, keys, share)
+        row, stats = measured("next", "ours", "backup(), next day", me("backup", str(repo),
+                                                                       NIGHT2), env)
+        row.note = f"{json.loads(stats.stdout)['reused']} reused"
+        rows.append(row)
+        untimed("verify() of the next day", me("verify", str(repo), NIGHT2), env)
+        client.create_bucket(Bucket="bench-restore-ours")
+        row, stats = measured("restore", "ours", "restore(), empty bucket",
+                              me("restore", str(repo), NIGHT2, "bench-restore-ours"), env)
+        out = json.loads(stats.stdout)
+        row.objects_copied, row.note = out["restored"], f"matches {out['matches']}"
+        rows.append(row)
+        return {"objects": count, "bytes": total, "changed": changed,
+                "changed_bytes": changed_bytes, "rows": [asdict(r) for r in rows]}
+    finally:
+        stack.down()
+
+
+def render_scale(report: dict) -> str:
+    n, mb = report["objects"], report["bytes"] / MB
+    lines = [f"MinIO, ours only: {n:,} objects, {mb:.1f} MB, on moto S3; next night "
+             f"{report['changed']} objects overwritten", "",
+             "| phase | wall s | obj/s | tree RSS MB | CPU s | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['phase']} | {r['wall_s']:.2f} | {n / r['wall_s']:,.0f} | "
+              f"{r['tree_rss_mb']:.1f} | {r['cpu_s']:.2f} | {r['note']} |"
+              for r in report["rows"]]
+    return "\n".join(lines)
+
+
 def render(report: dict) -> str:
     n, mb = report["objects"], report["bytes"] / MB
     lines = [f"MinIO benchmark: {n:,} objects, {mb:.1f} MB, on moto S3 (one core); next night "
@@ -506,7 +556,14 @@ def main() -> int:
                              "directory")
     # rclone (Debian) fails against a local S3 endpoint while AWS_CA_BUNDLE is set (DESIGN.md);
     # every contender runs without it.
+    parser.add_argument("--ours-only", action="store_true",
+                        help="scale runs: our engine alone (backup, verify, next night, "
+                             "restore), no contender, no encryption")
     os.environ.pop("AWS_CA_BUNDLE", None)
+    if "--ours-only" in sys.argv:
+        return bench_main(parser, lambda args, work: scale_benchmark(args.objects, args.change,
+                                                                     work),
+                          render_scale, prefix="minio-bench-")
     return bench_main(parser, lambda args, work: benchmark(args.objects, args.change,
                                                            args.offsite, work),
                       render, prefix="minio-bench-")
