@@ -31,6 +31,14 @@ How it fits together:
   ``rich_progress()``.
 
 Progress never fails an operation: a tracker only counts and logs.
+
+Stopping: an operation running in another thread (``recovery.each_store`` runs the stores'
+restores at once) cannot be interrupted by a signal; its caller sets an event
+(``stop_when``) and the operation's own loops stop at their next ``checkpoint``: ``advance``
+and ``follow`` call it, and so do the waits for work a server does alone (index builds, WAL
+replay). ``Stopped`` is a ``BaseException``, as ``KeyboardInterrupt`` is: it passes every
+``except Exception`` and runs every clean-up on its way out (a staging database dropped, a
+tool's process group killed).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ DEFAULT_EVERY_S = 30.0
 MIN_POLL_S = 0.2  # ``follow`` measures at most this often (and not more often than it reports)
 
 _CURRENT: ContextVar[Progress | None] = ContextVar("rag_backup_progress", default=None)
+_STOP: ContextVar[threading.Event | None] = ContextVar("rag_backup_stop", default=None)
 _IDS = itertools.count(1)
 _every_override: float | None = None  # set by rich_progress: bars want frequent updates
 
@@ -264,9 +273,27 @@ def current() -> Progress | None:
     return _CURRENT.get()
 
 
+class Stopped(BaseException):
+    """The operation was told to stop (its caller was interrupted: see the module's doc)."""
+
+
+def stop_when(event: threading.Event) -> None:
+    """In this context (a thread's own copy), ``checkpoint`` raises ``Stopped`` once ``event``
+    is set."""
+    _STOP.set(event)
+
+
+def checkpoint() -> None:
+    """Raise ``Stopped`` if this context's operation was told to stop; else nothing."""
+    event = _STOP.get()
+    if event is not None and event.is_set():
+        raise Stopped("interrupted: the run was stopped while this store was restoring")
+
+
 def advance(n: int, unit: str = BYTES) -> None:
     """``n`` units done for the current tracker: what the loops that move data call. A no-op
-    without a tracker, or when the current one counts another unit."""
+    without a tracker, or when the current one counts another unit. A ``checkpoint``."""
+    checkpoint()
     tracker = _CURRENT.get()
     if tracker is not None and tracker.unit == unit:
         tracker.advance(n)
@@ -280,12 +307,13 @@ def follow(proc: subprocess.Popen[Any], measure: Callable[[], int | None], *,
 
     Why: some tools move the data themselves (``redis-cli --rdb`` writing a file, ``pg_restore``
     loading a database); their progress is only visible from outside (the file's size, the
-    database's size). A measure that fails ends the measuring, never the operation."""
+    database's size). A measure that fails ends the measuring, never the operation. A
+    ``checkpoint`` at least every second: the caller kills ``proc`` when ``Stopped`` passes."""
     tracker = current()
-    if tracker is None:  # nobody watches: the caller's own wait is enough
+    if tracker is None and _STOP.get() is None:  # the caller's own wait is enough
         return
-    poll_s = poll_s or max(MIN_POLL_S, tracker.every_s)
-    measuring = True
+    poll_s = poll_s or max(MIN_POLL_S, tracker.every_s if tracker else 1.0)
+    measuring = tracker is not None
 
     def take() -> None:
         nonlocal measuring
@@ -296,15 +324,18 @@ def follow(proc: subprocess.Popen[Any], measure: Callable[[], int | None], *,
             measuring = False
             return
         if value is not None:
-            tracker.reach(value)
+            tracker.reach(value)  # type: ignore[union-attr]
 
+    measured = time.monotonic()
     while True:
+        checkpoint()
         try:
-            proc.wait(timeout=poll_s)
+            proc.wait(timeout=min(poll_s, 1.0))
             break
         except subprocess.TimeoutExpired:
-            if measuring:
+            if measuring and time.monotonic() - measured >= poll_s:
                 take()
+                measured = time.monotonic()
     if measuring:
         take()
 

@@ -28,14 +28,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from rag_backup import consistency
+from rag_backup import consistency, progress
 from rag_backup.engines import milvus as milvus_engine
 from rag_backup.engines import minio as minio_engine
 from rag_backup.engines import postgres as pg_engine
@@ -513,6 +512,9 @@ def _restored_meanwhile(restored: Sequence[Restored]) -> str:
                                                   for r in restored) + ")"
 
 
+STOP_GRACE_S = 120.0  # after an interrupt, how long the stores get to stop and clean up
+
+
 def each_store(stores: Sequence[str], work: Callable[[str, ExitStack, Log], R],
                cleanup: ExitStack, log: Log, *, concurrent: bool = True
                ) -> tuple[dict[str, R], dict[str, Exception]]:
@@ -522,7 +524,13 @@ def each_store(stores: Sequence[str], work: Callable[[str, ExitStack, Log], R],
     in the order of ``stores``. Each store's own ``ExitStack`` (what lives as long as the run:
     private targets, removals) is handed to ``cleanup`` whatever happened. A thread's log
     lines reach ``log`` on the calling thread (a Dagster run's log is not for other threads),
-    each starting with its store."""
+    each starting with its store.
+
+    Interrupted (a run terminated from the UI, Ctrl-C: any ``BaseException`` in the calling
+    thread), the stores still restoring are told to stop (``progress.Stopped`` at their next
+    checkpoint: their tools killed, their staging copies dropped) and given
+    ``STOP_GRACE_S`` to do so; then the interrupt goes on. The threads are daemons: one that
+    does not stop in time does not keep the process alive."""
     done: dict[str, R] = {}
     failed: dict[str, Exception] = {}
     if not concurrent or len(stores) < 2:
@@ -534,37 +542,60 @@ def each_store(stores: Sequence[str], work: Callable[[str, ExitStack, Log], R],
                 break
         return done, failed
     lines: queue.SimpleQueue[str] = queue.SimpleQueue()
-    handing = threading.Lock()
+    handing, stop = threading.Lock(), threading.Event()
+    outcomes: dict[str, tuple[bool, Any]] = {}
 
-    def run(store: str) -> R:
+    ended = threading.Semaphore(0)  # released by each store's thread as its last act
+
+    def run(store: str) -> None:
+        progress.stop_when(stop)
         own = ExitStack()
         try:
-            return work(store, own, lambda line: lines.put(
-                line if line.startswith(f"{store}:") else f"{store}: {line}"))
+            outcomes[store] = (True, work(store, own, lambda line: lines.put(
+                line if line.startswith(f"{store}:") else f"{store}: {line}")))
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            outcomes[store] = (False, exc)
         finally:
             with handing:
                 cleanup.push(own)
+            ended.release()
 
     def forward() -> None:
         while not lines.empty():
             log(lines.get())
 
-    with ThreadPoolExecutor(max_workers=len(stores), thread_name_prefix="restore") as pool:
-        futures = {store: pool.submit(contextvars.copy_context().run, run, store)
-                   for store in stores}
-        pending = set(futures.values())
-        while pending:
-            _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+    waiting = len(stores)
+
+    def wait(until: float) -> None:
+        # Not Thread.join: interrupted, it may mark a live thread as ended (CPython 3.11)
+        nonlocal waiting
+        while waiting and time.monotonic() < until:
+            if ended.acquire(timeout=0.2):
+                waiting -= 1
             forward()
-    forward()
-    for store, future in futures.items():
-        exc = future.exception()
-        if exc is None:
-            done[store] = future.result()
-        elif isinstance(exc, Exception):
-            failed[store] = exc
+        forward()
+
+    for store in stores:
+        threading.Thread(target=contextvars.copy_context().run, args=(run, store),
+                         name=f"restore-{store}", daemon=True).start()
+    try:
+        wait(float("inf"))
+    except BaseException:
+        stop.set()
+        running = [store for store in stores if store not in outcomes]
+        if running:
+            log(f"interrupted: stopping the restores of {', '.join(running)} (up to "
+                f"{STOP_GRACE_S:.0f} s for them to clean up)")
+            wait(time.monotonic() + STOP_GRACE_S)
+        raise
+    for store in stores:
+        ok, value = outcomes[store]
+        if ok:
+            done[store] = value
+        elif isinstance(value, Exception):
+            failed[store] = value
         else:
-            raise exc  # KeyboardInterrupt and the like: not a store's failure
+            raise value  # not a store's failure (an interrupt of its own)
     return done, failed
 
 

@@ -5,11 +5,14 @@ MinIO backup) against the session's stack."""
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import re
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -236,6 +239,36 @@ def test_follow_survives_a_failing_measure(captured):
     with progress.tracking("tool", 10) as p:
         progress.follow(proc, broken, poll_s=0.05)
     assert proc.returncode == 0 and p.done == 0
+
+
+def test_a_stopped_operation_stops_at_its_next_checkpoint_in_its_own_thread_only():
+    """``stop_when`` in a thread's context: ``advance`` and ``follow`` (a tool that would run
+    for a minute) raise ``Stopped`` once the event is set; the caller's context is untouched."""
+    stop = threading.Event()
+    seen: dict[str, object] = {}
+
+    def operation() -> None:
+        progress.stop_when(stop)
+        progress.advance(1)  # not stopped yet: nothing happens
+        stop.set()
+        with pytest.raises(progress.Stopped):
+            progress.advance(1)
+        tool = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started = time.monotonic()
+        try:
+            with pytest.raises(progress.Stopped):
+                progress.follow(tool, lambda: 0)
+            seen["follow_s"] = time.monotonic() - started
+        finally:
+            tool.kill()
+            tool.wait()
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(operation,))
+    thread.start()
+    thread.join()
+    assert seen["follow_s"] < 5  # a checkpoint at least every second
+    progress.advance(1)  # this context was never told to stop
+    progress.checkpoint()
 
 
 def test_rich_progress_draws_a_bar_per_tracker_and_restores_the_logger(monkeypatch):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -27,6 +29,7 @@ from rag_backup.defs.resources import (
     RedisResource,
 )
 from rag_backup.engines import milvus as milvus_engine
+from rag_backup.engines.milvus.staging import STAGING_TAG
 from rag_backup.engines import minio as minio_engine
 from rag_backup.engines import postgres as pg_engine
 from rag_backup.errors import ConfirmationRequired, InvalidRequest
@@ -308,6 +311,49 @@ def test_the_stores_restore_at_once_and_a_failure_leaves_the_others_restored(
     finally:
         for name in pgutil.databases(pg) - before:
             pgutil.drop_database(pg, name)
+
+
+def test_an_interrupted_run_stops_the_stores_still_restoring_and_leaves_no_staging_copy(
+        pg, resources, backed_up, repo):
+    """Ctrl-C (or a run terminated from the UI) while Milvus restores in its thread: Milvus is
+    told to stop, drops the staging copy it was filling, and the interrupt reaches the caller
+    once it did."""
+    server = resources["milvus"].server()
+    milvus = Timed(plain.MilvusRecovery(server))
+    postgres = plain.PostgresRecovery(resources["postgres"].server(), databases=["ragqa"])
+    chosen = {s: r for s, r in plain.plan(repo).chosen.items() if s in ("postgres", "milvus")}
+    lines: list[str] = []
+
+    def interrupt_once_milvus_restores(line: str) -> None:
+        lines.append(line)
+        if line.startswith("milvus: ") and not interrupted.is_set():
+            interrupted.set()
+            threading.Timer(0.5, _thread.interrupt_main).start()
+
+    interrupted = threading.Event()
+    before = pgutil.databases(pg)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            plain.restore_all(repo, [postgres, milvus], chosen,
+                              log=interrupt_once_milvus_restores)
+            time.sleep(5)  # the restores ended before the interrupt: it lands here (test fails)
+        stopping = [line for line in lines if line.startswith("interrupted: stopping")]
+        assert stopping and "milvus" in stopping[0], lines
+        assert len(milvus.span) == 2  # its restore returned (raised) before the interrupt went on
+        assert time.monotonic() - started < plain.STOP_GRACE_S
+        with server.session() as client:
+            restored = [c for c in client.list_collections() if "_pit_" in c]
+        # a collection finished before the interrupt stays (as a store restored before it
+        # does); the one being restored is dropped with its staging copy
+        assert not [c for c in restored if STAGING_TAG in c], restored
+        assert len(restored) < 2, restored
+    finally:
+        for name in pgutil.databases(pg) - before:
+            pgutil.drop_database(pg, name)
+        with server.session() as client:
+            milvus_engine.drop_collections(server, [c for c in client.list_collections()
+                                                    if "_pit_" in c])
 
 
 def test_one_store_at_a_time_stops_at_the_first_failure_and_several_failures_name_each(

@@ -21,6 +21,7 @@ from typing import Any
 from pymilvus import MilvusClient
 from pymilvus.client.prepare import Prepare
 
+from rag_backup import progress
 from rag_backup.engines.milvus.client import MilvusServer, calls
 from rag_backup.engines.milvus.common import Log
 from rag_backup.engines.milvus.fingerprint import CollectionFingerprint
@@ -57,6 +58,7 @@ def _wait_import(client: MilvusClient, server: MilvusServer, task: int, what: st
         if time.monotonic() > deadline:
             raise ToolError(f"{server.describe()}: {what} did not complete within "
                             f"{server.long_timeout_s:.0f} s (state {state.state_name})")
+        progress.checkpoint()
         time.sleep(0.5)
 
 

@@ -116,6 +116,7 @@ def _wait_indexes(client: MilvusClient, server: MilvusServer, name: str) -> None
             if time.monotonic() > deadline:
                 raise ToolError(f"{server.describe()}: index {index!r} of {name!r} was not "
                                 f"built within {server.long_timeout_s:.0f} s ({info})")
+            progress.checkpoint()  # an index build may take hours
             time.sleep(0.5)
 
 

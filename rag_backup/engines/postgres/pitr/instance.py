@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rag_backup import progress
 from rag_backup.engines.postgres.server import PostgresServer
 from rag_backup.errors import InvalidRequest, StoreUnreachable, ToolError
 from rag_backup.proc import run, tail
@@ -433,6 +434,7 @@ class PgInstance:
             if time.monotonic() > deadline:
                 raise ToolError(f"{self.describe()}: recovery not finished within "
                                 f"{timeout_s:.0f} s; {self._log_report()}")
+            progress.checkpoint()  # WAL replay may take hours
             time.sleep(POLL_S)
 
     def _in_recovery(self, server: PostgresServer, database: str) -> bool | None:
