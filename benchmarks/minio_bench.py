@@ -60,7 +60,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -301,9 +303,11 @@ def offsite_location(kind: str, who: str, work: Path, client) -> str:
     return f"s3://{bucket}"
 
 
-def benchmark(count: int, share: float, offsite_kind: str, work: Path) -> dict:
-    if not shutil.which("rclone"):
-        raise SystemExit("rclone is not installed: apt-get install -y rclone")
+@contextmanager
+def filled_bucket(count: int, work: Path) -> Iterator[tuple[dict[str, str], object, list[str],
+                                                              int]]:
+    """An S3 server of our own holding ``BUCKET`` with ``count`` generated objects: yields its
+    environment, a client, the keys and their total size; the server is stopped after."""
     stack = DevStack(root=work / "stack", services=("s3",))
     env = stack.up(seed=False)
     try:
@@ -314,6 +318,15 @@ def benchmark(count: int, share: float, offsite_kind: str, work: Path) -> dict:
         log(f"uploading {count:,} objects")
         keys, total = populate(client, count)
         log(f"{count:,} objects, {total / MB:.1f} MB")
+        yield env, client, keys, total
+    finally:
+        stack.down()
+
+
+def benchmark(count: int, share: float, offsite_kind: str, work: Path) -> dict:
+    if not shutil.which("rclone"):
+        raise SystemExit("rclone is not installed: apt-get install -y rclone")
+    with filled_bucket(count, work) as (env, client, keys, total):
         mirror, plain = work / "rclone-mirror", work / "boto3-copy"
         # ours on a clear and on an encrypted repository, each with its own offsite
         repos = {"ours": work / "repo", "ours+enc": work / "repo-enc"}
@@ -436,23 +449,12 @@ def benchmark(count: int, share: float, offsite_kind: str, work: Path) -> dict:
                     name: (by[(phase, "ours")], by[(phase, "ours+enc")])
                     for name, phase in (("full backup", "full"), ("next backup", "next"),
                                         ("full restore", "restore"))})}
-    finally:
-        stack.down()
 
 
 def scale_benchmark(count: int, share: float, work: Path) -> dict:
     """``--ours-only``: our engine alone (clear repository) through the same nights and restore,
     for scale runs where every contender would take hours: time and peak memory per phase."""
-    stack = DevStack(root=work / "stack", services=("s3",))
-    env = stack.up(seed=False)
-    try:
-        client = engine.S3Endpoint(env["RAG_S3_ENDPOINT"], env["RAG_S3_ACCESS_KEY"],
-                                   env["RAG_S3_SECRET_KEY"], env["RAG_S3_REGION"],
-                                   max_connections=32).client()
-        client.create_bucket(Bucket=BUCKET)
-        log(f"uploading {count:,} objects")
-        keys, total = populate(client, count)
-        log(f"{count:,} objects, {total / MB:.1f} MB")
+    with filled_bucket(count, work) as (env, client, keys, total):
         repo, env = work / "repo", {**env, **encryption_env(False)}
         rows = []
         for phase, what, action, night in (("full", "backup()", "backup", NIGHT1),
@@ -474,8 +476,6 @@ def scale_benchmark(count: int, share: float, work: Path) -> dict:
         rows.append(row)
         return {"objects": count, "bytes": total, "changed": changed,
                 "changed_bytes": changed_bytes, "rows": [asdict(r) for r in rows]}
-    finally:
-        stack.down()
 
 
 def render_scale(report: dict) -> str:
