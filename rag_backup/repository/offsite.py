@@ -40,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from rag_backup.errors import BackupNotFound, InvalidRequest, IntegrityError, RagBackupError
+from rag_backup.pool import in_pool
 from rag_backup.repository.backends import Backend, S3Backend, backend_from_url, describe_key
 from rag_backup.repository.blobs import BLOB_PREFIX
 from rag_backup.repository.locking import (
@@ -240,7 +241,7 @@ def _parallel(work: Callable[[T], Any], items: Iterable[T], workers: int) -> lis
     if workers <= 1 or len(items) <= 1:
         return [work(item) for item in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(work, items))
+        return list(in_pool(pool, work, items))
 
 
 def _sync_file(primary: Backend, offsite: Backend, key: str, size: int,

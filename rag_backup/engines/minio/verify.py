@@ -13,6 +13,7 @@ from rag_backup import progress
 from rag_backup.engines.minio.common import DEFAULT_WORKERS, EXAMPLES, STORE, Log, _quiet
 from rag_backup.engines.minio.snapshot import fingerprint_of, read_snapshot, snapshot_buckets
 from rag_backup.errors import IntegrityError, InvalidRequest
+from rag_backup.pool import in_pool
 from rag_backup.repository import BackupRecord, BackupRepository
 
 DEFAULT_FULL_VERIFY_BYTES = 50 * 1024**3
@@ -101,7 +102,8 @@ def verify(repo: BackupRepository, record: BackupRecord, *,
                             thread_name_prefix="minio-verify") as pool, \
             progress.tracking(f"re-hashing the blobs of {STORE} backup {part}",
                               sum(refs[sha] for sha in chosen)):
-        for sha, problem in pool.map(lambda sha: (sha, _rehash(repo, sha, refs[sha])), chosen):
+        for sha, problem in in_pool(pool, lambda sha: (sha, _rehash(repo, sha, refs[sha])),
+                                    chosen):
             progress.advance(refs[sha])
             if problem is not None:
                 bad[sha] = problem
