@@ -9,6 +9,7 @@ from datetime import timedelta
 STORE = "minio"
 CHUNK = 1024 * 1024
 MAX_QUEUED = 10_000                # snapshot lines waiting behind a slower download
+IN_FLIGHT = 256                    # restore: transfers submitted and not yet counted
 DEFAULT_WORKERS = 8
 DEFAULT_GC_GRACE = timedelta(hours=48)
 EXAMPLES = 5

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import queue
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from rag_backup.engines.minio.client import (
 from rag_backup.engines.minio.common import (
     CHUNK,
     DEFAULT_WORKERS,
-    MAX_QUEUED,
+    IN_FLIGHT,
     OBJECTS,
     STORE,
     Log,
@@ -402,7 +402,11 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
     listed = _list_bucket(restorer.reader, endpoint, target, prefix)
     in_snapshot = restored = skipped = retagged = restored_bytes = 0
     extra: list[str] = []
-    pending: deque[tuple[Future, ObjectEntry]] = deque()
+    # Each transfer is counted when it ends, in any order (the counts are all it gives), so a
+    # large object still moving holds back neither the small ones after it nor memory:
+    # at most IN_FLIGHT entries wait, whatever the bucket's size.
+    pending: dict[Future, ObjectEntry] = {}
+    ended: queue.SimpleQueue[Future] = queue.SimpleQueue()
 
     def count(outcome: str, entry: ObjectEntry) -> None:
         nonlocal restored, skipped, retagged, restored_bytes
@@ -415,9 +419,9 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
             retagged += outcome == "retagged"
 
     def settle(block: bool) -> None:
-        while pending and (block or pending[0][0].done() or len(pending) > 4 * MAX_QUEUED):
-            future, entry = pending.popleft()
-            count(future.result(), entry)
+        while pending and (block or len(pending) > IN_FLIGHT or not ended.empty()):
+            future = ended.get()
+            count(future.result(), pending.pop(future))
 
     with progress.tracking(f"{STORE} restore of {source} into {target}",
                            None if prefix else fingerprint_of(record).buckets[source].bytes):
@@ -429,15 +433,17 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
                     continue
                 index = in_snapshot
                 in_snapshot += 1
-                pending.append((pool.submit(restorer.restore_one, source, target, entry, obj,
-                                            plan[index]), entry))
+                future = pool.submit(restorer.restore_one, source, target, entry, obj,
+                                     plan[index])
+                pending[future] = entry
+                future.add_done_callback(ended.put)
                 settle(False)
             settle(True)
         except _BlobDamaged as exc:
             # Let the transfers already running finish (they were checked), then say how far.
-            for future, _ in pending:
+            for future in pending:
                 future.cancel()
-            for future, entry in pending:
+            for future, entry in pending.items():
                 if not future.cancelled():
                     try:
                         count(future.result(), entry)
@@ -457,7 +463,7 @@ def _restore_bucket(restorer: _Restorer, pool: ThreadPoolExecutor, source: str, 
                 source, target, plan.count, restored, skipped, 0, restored_bytes, 0, retagged,
                 stopped)) from exc
         except BaseException:
-            for future, _ in pending:
+            for future in pending:
                 future.cancel()
             raise
     removed = 0
