@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rag_backup.proc import tail
 from rag_backup.repository import BackupRepository, FilesystemBackend
@@ -104,6 +104,24 @@ class ProcessStats:
     max_proc_rss_bytes: int
     rss_samples: int
     stdout: str
+
+
+@dataclass
+class MeasuredRow:
+    """One line of a benchmark's table: a contender's run in a phase and what
+    ``run_measured`` measured of it (memory in MB). Each benchmark adds its own columns."""
+    phase: str
+    who: str
+    what: str
+    wall_s: float
+    cpu_s: float
+    tree_rss_mb: float
+    proc_rss_mb: float
+
+    @classmethod
+    def of(cls, phase: str, who: str, what: str, stats: ProcessStats, **columns: Any) -> Self:
+        return cls(phase, who, what, stats.wall_s, stats.cpu_s, stats.peak_tree_rss_bytes / MB,
+                   stats.max_proc_rss_bytes / MB, **columns)
 
 
 def session_members(session: int) -> list[str]:

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 from measure import (  # noqa: E402  (sibling module)
     MB,
+    MeasuredRow,
     ProcessStats,
     bench_main,
     encryption_env,
@@ -82,14 +83,7 @@ TEXT = "प्रधानमंत्री किसान सम्मान 
 
 
 @dataclass
-class Row:
-    phase: str
-    who: str
-    what: str
-    wall_s: float
-    cpu_s: float
-    tree_rss_mb: float
-    proc_rss_mb: float
+class Row(MeasuredRow):
     rows: int | None = None
     artifact_mb: float | None = None
     note: str = ""
@@ -259,8 +253,7 @@ def measured(phase: str, who: str, what: str, argv: list[str], env: dict[str, st
     log(f"{phase} {who}: {what}")
     stats = run_measured(argv, what=f"{phase} {who}", timeout_s=TIMEOUT_S, env=env)
     result = json.loads(stats.stdout.strip().splitlines()[-1])
-    return Row(phase, who, what, stats.wall_s, stats.cpu_s, stats.peak_tree_rss_bytes / MB,
-               stats.max_proc_rss_bytes / MB, rows=result.get("rows")), stats, result
+    return Row.of(phase, who, what, stats, rows=result.get("rows")), stats, result
 
 
 def shorten(error: str) -> str:

@@ -69,6 +69,7 @@ from pathlib import Path
 
 from measure import (  # noqa: E402  (sibling module)
     MB,
+    MeasuredRow,
     ProcessStats,
     bench_main,
     encryption_env,
@@ -120,16 +121,9 @@ print(json.dumps({"objects": objects, "bytes": size}))
 
 
 @dataclass
-class Row:
-    phase: str
-    who: str
-    what: str
-    wall_s: float
-    cpu_s: float
-    tree_rss_mb: float
-    proc_rss_mb: float
-    objects_copied: int
-    mb_copied: float
+class Row(MeasuredRow):
+    objects_copied: int = 0
+    mb_copied: float = 0.0
     note: str = ""
 
 
@@ -269,8 +263,7 @@ def measured(phase: str, who: str, what: str, argv: list[str], env: dict[str, st
              ) -> tuple[Row, ProcessStats]:
     log(f"{phase} {who}: {what}")
     stats = run_measured(argv, what=f"{phase} {who}", timeout_s=TIMEOUT_S, env=env)
-    return Row(phase, who, what, stats.wall_s, stats.cpu_s, stats.peak_tree_rss_bytes / MB,
-               stats.max_proc_rss_bytes / MB, 0, 0.0), stats
+    return Row.of(phase, who, what, stats), stats
 
 
 def age_by_a_day(repo: Path) -> None:

@@ -48,6 +48,7 @@ from pathlib import Path
 import redis
 from measure import (  # noqa: E402  (sibling module)
     MB,
+    MeasuredRow,
     ProcessStats,
     bench_main,
     encryption_env,
@@ -67,14 +68,7 @@ TIMEOUT_S = 3600.0
 
 
 @dataclass
-class Row:
-    phase: str
-    who: str
-    what: str
-    wall_s: float
-    cpu_s: float
-    tree_rss_mb: float
-    proc_rss_mb: float
+class Row(MeasuredRow):
     artifact_mb: float | None = None
     note: str = ""
 
@@ -130,8 +124,7 @@ def measured(phase: str, who: str, what: str, argv: list[str], env: dict[str, st
              ) -> tuple[Row, ProcessStats]:
     log(f"{phase} {who}: {what}")
     stats = run_measured(argv, what=f"{phase} {who}", timeout_s=TIMEOUT_S, env=env)
-    return Row(phase, who, what, stats.wall_s, stats.cpu_s, stats.peak_tree_rss_bytes / MB,
-               stats.max_proc_rss_bytes / MB), stats
+    return Row.of(phase, who, what, stats), stats
 
 
 def wait_idle(client: redis.Redis) -> None:

@@ -39,7 +39,14 @@ import milvus_bench
 import minio_bench
 import postgres_bench
 import redis_bench
-from measure import MB, bench_main, log, open_repository, run_measured  # noqa: E402  (sibling module)
+from measure import (  # noqa: E402  (sibling module)
+    MB,
+    MeasuredRow,
+    bench_main,
+    log,
+    open_repository,
+    run_measured,
+)
 from psycopg2 import sql
 
 from rag_backup.devstack import DevStack
@@ -55,13 +62,7 @@ STORES = ("postgres", "redis", "minio", "milvus")
 
 
 @dataclass
-class Row:
-    who: str
-    what: str
-    wall_s: float
-    cpu_s: float
-    tree_rss_mb: float
-    proc_rss_mb: float
+class Row(MeasuredRow):
     stores_s: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
@@ -138,10 +139,9 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
                                        f"differing: {differing}")
             finally:
                 remove_scratch(env, restored, repo)
-            rows.append(Row(who, " ".join(["restore-all", *extra]), stats.wall_s, stats.cpu_s,
-                            stats.peak_tree_rss_bytes / MB, stats.max_proc_rss_bytes / MB,
-                            {s: r["seconds"] for s, r in restored.items()},
-                            f"in-run restore time {doc['restore_wall_s']:.1f} s"))
+            rows.append(Row.of("restore-all", who, " ".join(["restore-all", *extra]), stats,
+                               stores_s={s: r["seconds"] for s, r in restored.items()},
+                               note=f"in-run restore time {doc['restore_wall_s']:.1f} s"))
         return {"data": data, "rows": [asdict(r) for r in rows],
                 "ratio": rows[1].wall_s / rows[0].wall_s}
     finally:
