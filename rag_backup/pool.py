@@ -27,10 +27,11 @@ def in_pool(pool: Executor, work: Callable[[T], R], items: Iterable[T], *,
     reaches the caller at its item; a caller that stops early (an exception, ``break``, the
     generator closed) cancels what has not started."""
     pending: deque[Future[R]] = deque()
+    ahead = max(1, ahead)
     try:
         for item in items:
             pending.append(pool.submit(work, item))
-            if len(pending) >= max(1, ahead):
+            if len(pending) >= ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
